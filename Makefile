@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv on first use: torch==2.13.0 (CPU build) first, then pdserve with its test extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pdserve-installed
+
+.PHONY: demo test lint proto clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pdserve demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+proto: $(STAMP)
+	$(PY) -m proto.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info
