@@ -1,0 +1,29 @@
+"""Shared fixtures (keep small): one thread for torch, tiny HF checkpoints written once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``hf_checkpoint(kind)`` -> directory of a tiny transformers checkpoint (cached per session)."""
+    from tests.checkpoints import write_hf_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = write_hf_checkpoint(tmp_path_factory.mktemp(f"ckpt_{kind}"), kind)
+        return cache[kind]
+
+    return get
