@@ -42,7 +42,9 @@ KERNEL_ENV = "PDSERVE_INT8_KERNEL"
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
     method: QuantMethod = "none"
-    int8_kernel: str = "auto"  # auto | dequant | bf16 | int8pack | cpu_auto | w8a8 (not weight-only)
+    int8_kernel: str = (
+        "auto"  # auto | dequant | bf16 | int8pack | cpu_auto | w8a8 (not weight-only)
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -135,7 +137,9 @@ class Fp8Linear(nn.Module):
     scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # [N, K] float8_e4m3fn

@@ -92,13 +92,15 @@ def int8_w8a8(
     return (acc.float() * x_scale * scale).to(x.dtype)
 
 
-INT8_KERNELS: Mapping[str, Int8Kernel] = MappingProxyType({
-    "dequant": int8_dequant,
-    "bf16": int8_bf16,
-    "int8pack": int8_pack,
-    "cpu_auto": int8_cpu_auto,
-    "w8a8": int8_w8a8,
-})
+INT8_KERNELS: Mapping[str, Int8Kernel] = MappingProxyType(
+    {
+        "dequant": int8_dequant,
+        "bf16": int8_bf16,
+        "int8pack": int8_pack,
+        "cpu_auto": int8_cpu_auto,
+        "w8a8": int8_w8a8,
+    }
+)
 
 
 def default_int8_kernel(device: torch.device) -> str:
