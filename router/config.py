@@ -1,0 +1,39 @@
+"""RouterConfig: everything the router reads, filled by deploy/ from YAML (the router never sees YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Ports may be 0 (ephemeral); RouterServer reports the bound ports after start()."""
+
+    vocab_size: int                  # the model's vocabulary (token ids must be below it)
+    context_len: int                 # prompt + completion tokens must fit
+    block_size: int = 16             # KV block size of both pools (prefix hashing, block estimates)
+    eos_token_ids: tuple[int, ...] = ()
+    host: str = "127.0.0.1"          # public Router API, health and reflection
+    port: int = 50051
+    internal_host: str = "127.0.0.1"  # Registry service (worker heartbeats)
+    internal_port: int = 0
+    max_inflight: int = 256          # admitted requests not finished
+    max_queued_prompt_tokens: int = 65536  # prompt tokens of admitted requests still in prefill
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    heartbeat_seconds: float = 0.5   # a replica silent for 3 x this is forgotten
+    affinity_max_imbalance_tokens: int = 2048  # prefix affinity yields to load beyond this gap
+    affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
+    worker_retries: int = 1          # extra prefill attempts on another replica when one is unavailable
+    release_timeout_seconds: float = 2.0  # ReleaseKV calls after cancel/early finish
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_len", "block_size", "max_inflight", "default_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.heartbeat_seconds <= 0:
+            raise ValueError(f"RouterConfig.heartbeat_seconds must be > 0, got {self.heartbeat_seconds}")
+        for port_name in ("port", "internal_port"):
+            if not 0 <= getattr(self, port_name) <= 65535:
+                raise ValueError(f"RouterConfig.{port_name} must be in 0..65535")

@@ -1,0 +1,122 @@
+"""RouterServer: the public API (Router, health, reflection) and the internal Registry, on grpc.aio.
+
+Public server (config.host:port): pdserve.v1.Router, grpc.health.v1.Health and server reflection.
+Health is NOT_SERVING until at least one ready prefill and one ready decode replica are registered,
+and goes back to NOT_SERVING when either pool empties. Internal server
+(config.internal_host:internal_port): pdserve.v1.Registry, where workers heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+from router.admission import Admission
+from router.config import RouterConfig
+from router.flow import FlowDeps
+from router.picker import AffinityMemory
+from router.registry import Registry
+from router.service import ROUTER_SERVICE, RegistryService, RouterService
+from router.tokenizer import TextCodec
+
+log = logging.getLogger(__name__)
+REGISTRY_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RouterServer:
+    """`await start()` binds both servers (ports may be 0: read `port` / `internal_port` after)."""
+
+    def __init__(self, config: RouterConfig, tokenizer: TextCodec | None) -> None:
+        self.config = config
+        self.registry = Registry(config.heartbeat_seconds, config.block_size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.deps = FlowDeps(
+            config=config, registry=self.registry,
+            admission=Admission(config.max_inflight, config.max_queued_prompt_tokens),
+            memory=AffinityMemory(), codec=tokenizer, spawn=self._spawn,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.internal_port = 0
+        self._public: grpc.aio.Server | None = None
+        self._internal: grpc.aio.Server | None = None
+        self._serving: bool | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def internal_address(self) -> str:
+        return f"{self.config.internal_host}:{self.internal_port}"
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        self._public = grpc.aio.server()
+        self._public.add_generic_rpc_handlers((RouterService(self.deps).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._public)
+        reflection.enable_server_reflection(
+            (ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._public
+        )
+        self.port = self._bind(self._public, self.config.host, self.config.port)
+        self._internal = grpc.aio.server()
+        worker_pb2_grpc.add_RegistryServicer_to_server(RegistryService(self.deps), self._internal)
+        self.internal_port = self._bind(self._internal, self.config.internal_host, self.config.internal_port)
+        await self._set_health()
+        self.registry.on_change = lambda: self._spawn(self._set_health())
+        await self._public.start()
+        await self._internal.start()
+        self._spawn(self._maintain())
+        log.info("router on %s, registry on %s", self.address, self.internal_address)
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        return bound
+
+    async def _set_health(self) -> None:
+        serving = self.registry.serving()
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = SERVING if serving else NOT_SERVING
+        for service in ("", ROUTER_SERVICE):
+            await self.health.set(service, status)
+
+    async def _maintain(self) -> None:
+        """Forgets silent replicas and closes their channels (calls still running get a grace)."""
+        period = self.config.heartbeat_seconds / 2
+        while True:
+            await asyncio.sleep(period)
+            gone = self.registry.expire()
+            if gone:
+                log.warning("forgot silent replicas: %s", ", ".join(gone))
+            for channel in self.registry.take_retired():
+                self._spawn(channel.close(self.registry.timeout))
+            await self._set_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls; running ones get `grace` seconds, then are cancelled."""
+        await self.health.enter_graceful_shutdown()
+        for server in (self._public, self._internal):
+            if server is not None:
+                await server.stop(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.registry.close()

@@ -1,0 +1,73 @@
+"""gRPC handlers: the public Router service and the internal Registry service."""
+
+from __future__ import annotations
+
+import grpc
+from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
+
+from router.errors import RouterError
+from router.flow import FlowDeps, run_request
+from router.registry import RejectedHeartbeat
+from router.status import build_status
+from router.validate import InvalidRequest, prepare
+from router.wire import BadRequest, RequestParser
+
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+class RouterService:
+    """Router.Generate and Router.GetStatus over the shared FlowDeps."""
+
+    def __init__(self, deps: FlowDeps) -> None:
+        self.deps = deps
+        self.parser = RequestParser()
+
+    async def generate(self, request: router_pb2.GenerateRequest | BadRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, BadRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return
+        try:
+            prep = prepare(request, self.deps.config, self.deps.codec)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        try:
+            await run_request(prep, self.deps, context.write, context.time_remaining)
+        except RouterError as e:
+            await context.abort(e.code, e.message)
+
+    async def get_status(self, request: router_pb2.StatusRequest,
+                         context: grpc.aio.ServicerContext) -> router_pb2.StatusResponse:
+        return build_status(self.deps.registry, self.deps.admission)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Generate parses its request with RequestParser (bad UTF-8 -> INVALID_ARGUMENT)."""
+        return grpc.method_handlers_generic_handler(ROUTER_SERVICE, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.generate,
+                request_deserializer=self.parser.parse,
+                response_serializer=router_pb2.GenerateResponse.SerializeToString,
+            ),
+            "GetStatus": grpc.unary_unary_rpc_method_handler(
+                self.get_status,
+                request_deserializer=router_pb2.StatusRequest.FromString,
+                response_serializer=router_pb2.StatusResponse.SerializeToString,
+            ),
+        })
+
+
+class RegistryService(worker_pb2_grpc.RegistryServicer):
+    """Registry.Heartbeat: workers announce themselves and their load."""
+
+    def __init__(self, deps: FlowDeps) -> None:
+        self.registry = deps.registry
+
+    async def Heartbeat(self, request: worker_pb2.WorkerStatus,  # noqa: N802 - gRPC method name
+                        context: grpc.aio.ServicerContext) -> worker_pb2.HeartbeatAck:
+        try:
+            known = self.registry.heartbeat(request)
+        except RejectedHeartbeat as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+        return worker_pb2.HeartbeatAck(known=known)
