@@ -14,6 +14,7 @@ Workers never see YAML; they get these dataclasses.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -286,7 +287,7 @@ class _Walk:
                 return ()
             pairs = [(self.scalar(str, k, path, {}), self.scalar(float, v, _join(path, k), rules))
                      for k, v in value.items()]
-            return tuple(sorted(pairs))
+            return tuple(sorted(pairs, key=lambda kv: str(kv[0])))
         if not isinstance(value, list):
             self.fail(path, f"expected a list, got {_show(value)}")
             return ()
@@ -442,17 +443,52 @@ def parse_config(data: object, source: str, lines: dict[str, int] | None = None)
     return cfg
 
 
-def load_config(path: str | None) -> DeployConfig:
-    """Read a YAML file (None = the embedded default). Relative paths inside resolve against it."""
-    if path is None:
-        return DeployConfig()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(path, [Issue("", f"cannot read the file: {e.strerror or e}")]) from e
-    data, lines = _parse_yaml(text, path)
-    cfg = parse_config(data, path, lines)
-    return _resolve_paths(cfg, Path(path).resolve().parent)
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> DeployConfig:
+    """Read a YAML file (None = the embedded default). Relative paths inside resolve against it.
+
+    overrides: `key.path=VALUE` strings applied on top of the file (VALUE is YAML: `2`, `null`,
+    `[a, b]`, `{x: 1}`), e.g. a CLI's `--set prefill.replicas=2`.
+    """
+    source = "defaults" if path is None else str(path)
+    data: object = None
+    lines: dict[str, int] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(source, [Issue("", f"cannot read the file: {e.strerror or e}")]) from e
+        data, lines = _parse_yaml(text, source)
+    if overrides:
+        data = apply_overrides(data, overrides, source)
+    cfg = parse_config(data, source, lines)
+    return cfg if path is None else _resolve_paths(cfg, Path(path).resolve().parent)
+
+
+def apply_overrides(data: object, overrides: Sequence[str], source: str = "--set") -> object:
+    """A copy of parsed YAML data with each `a.b.c=VALUE` set (sections created as needed)."""
+    if not overrides or not isinstance(data, dict | None):
+        return data  # a non-mapping top level is reported by parse_config
+    out = copy.deepcopy(data) if data is not None else {}
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(source, [Issue("", f"override {item!r}: expected KEY=VALUE")])
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text  # not YAML on its own: keep the string; validation judges it
+        _set_path(out, key.strip().split("."), value)
+    return out
+
+
+def _set_path(node: dict[Any, Any], keys: list[str], value: object) -> None:
+    for name in keys[:-1]:
+        if node.get(name) is None:
+            node[name] = {}
+        if not isinstance(node[name], dict):
+            return  # `prefill: 4` plus `prefill.replicas=2`: parse_config reports `prefill`
+        node = node[name]
+    node[keys[-1]] = value
 
 
 def _parse_yaml(text: str, source: str) -> tuple[object, dict[str, int]]:
@@ -481,7 +517,7 @@ def _parse_yaml(text: str, source: str) -> tuple[object, dict[str, int]]:
 
 def _key_lines(node: yaml.Node | None, prefix: str, out: dict[str, int], dupes: list[Issue]) -> None:
     """Record the line of every mapping key (before merges are applied); flag duplicate keys."""
-    if not isinstance(node, yaml.MappingNode):
+    if not isinstance(node, yaml.MappingNode) or prefix.count(".") > 8:  # deeper: not our schema
         return
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):

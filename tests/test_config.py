@@ -15,6 +15,7 @@ from deploy.config import (
     DecodeAutoscaling,
     DeployConfig,
     PrefillAutoscaling,
+    apply_overrides,
     check_against_model,
     diff_configs,
     load_config,
@@ -284,3 +285,48 @@ def test_docs_table_is_current() -> None:
     assert reference_table() in doc
     rows = [r for r in reference_table().splitlines()[2:]]
     assert len(rows) == 61 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
+
+
+def test_overrides_apply_on_top_of_the_file(write) -> None:
+    path = write("prefill:\n  replicas: 1\ndecode:\n")
+    cfg = load_config(path, ["prefill.replicas=3", "decode.quantization=int8",
+                             "router.api_keys=[a, b]", "prefill.autoscaling={max_replicas: 5}",
+                             "ray.address=null"])
+    assert cfg.prefill.replicas == 3 and cfg.decode.quantization == "int8"
+    assert cfg.router.api_keys == ("a", "b") and cfg.ray.address is None
+    assert cfg.prefill.autoscaling == PrefillAutoscaling(max_replicas=5)
+    assert load_config(None, ["router.port=0"]).router.port == 0
+    assert apply_overrides({"a": 1}, ["b.c=2"]) == {"a": 1, "b": {"c": 2}}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["decode.quantizaton=int8"])
+    assert str(info.value) == ("config.yaml: decode.quantizaton: unknown key "
+                               "(did you mean 'quantization'?)")
+    with pytest.raises(ConfigError, match=r"override 'prefill\.replicas': expected KEY=VALUE"):
+        load_config(path, ["prefill.replicas"])
+
+
+def test_anchors_and_merge_keys(write) -> None:
+    text = ("prefill:\n  device: cuda\n  resources: &gpu {num_cpus: 2, num_gpus: 1}\n"
+            "decode:\n  device: cuda\n  resources: {<<: *gpu, num_cpus: 4}\n")
+    cfg = load_config(write(text))
+    assert (cfg.prefill.resources.num_cpus, cfg.prefill.resources.num_gpus) == (2.0, 1.0)
+    assert (cfg.decode.resources.num_cpus, cfg.decode.resources.num_gpus) == (4.0, 1.0)
+    with pytest.raises(ConfigError, match="prefill.resources: expected a mapping, got a list"):
+        load_config(write("prefill: &p\n  resources: [*p]\n"))  # recursive alias terminates
+
+
+def test_odd_keys_are_reported_not_crashed(write) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write("1: x\nprefill:\n  resources:\n    custom: {1: 2, a: 1}\n"))
+    assert str(info.value).splitlines() == [
+        "config.yaml: 1: unknown key (valid top-level keys: model, router, prefill, decode, "
+        "kv_transfer, ray)",
+        "config.yaml: prefill.resources.custom: expected a string, got 1"]
+
+
+def test_defaults_fit_the_default_model() -> None:
+    # deploy/default_model/train.py: num_kv_heads=4, max_positions=512
+    cfg = check_against_model(DeployConfig(), num_kv_heads=4, max_pos=512)
+    assert cfg.model.max_model_len == 512
+    local = load_config(str(REPO / "deploy" / "examples" / "local-cpu.yaml"))
+    assert check_against_model(local, num_kv_heads=4, max_pos=512).model.max_model_len == 512
