@@ -22,6 +22,7 @@ from deploy.config import (
     parse_config,
     reference_table,
 )
+from deploy.config import main as config_main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
@@ -330,3 +331,12 @@ def test_defaults_fit_the_default_model() -> None:
     assert cfg.model.max_model_len == 512
     local = load_config(str(REPO / "deploy" / "examples" / "local-cpu.yaml"))
     assert check_against_model(local, num_kv_heads=4, max_pos=512).model.max_model_len == 512
+
+
+def test_command_line_check(write, capsys: pytest.CaptureFixture[str]) -> None:
+    assert config_main([write("decode:\n  replicas: 2\n")]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["decode"]["replicas"] == 2
+    assert config_main([write("decode:\n  replicas: 0\n")]) == 2
+    assert capsys.readouterr().err == (
+        "config.yaml: decode.replicas: expected an integer >= 1, got 0\n")
+    assert config_main(["--table"]) == 0 and capsys.readouterr().out == reference_table()
