@@ -260,6 +260,8 @@ def train(cfg: TrainConfig, out_dir: Path, work_dir: Path, resume: bool) -> None
     log.info("final step %d; exporting best val step %d (val_loss %.4f)", total, best["step"],
              best["val_loss"])
     model.load_state_dict(best["model"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_metrics(metrics, out_dir / "loss_curve.png")
     finish(cfg, model, tok, val_ids, out_dir, val0)
 
 
@@ -321,7 +323,27 @@ def add_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def parse_args() -> tuple[TrainConfig, Path, Path, bool]:
+def plot_metrics(metrics: Path, png: Path) -> None:
+    """Train loss (per step) and validation loss (every eval_every steps) -> a PNG figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, label="train")
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="default model training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def parse_args() -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="exact step count (overrides --minutes)")
@@ -331,21 +353,27 @@ def parse_args() -> tuple[TrainConfig, Path, Path, bool]:
     p.add_argument("--out-dir", type=Path, default=HERE)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/pdserve_default_model"))
     p.add_argument("--resume", action="store_true", help="continue from --work-dir/ckpt.pt")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only redraw --out-dir/loss_curve.png from --work-dir/metrics.jsonl")
     a = p.parse_args()
     cfg = TrainConfig(seed=a.seed, steps=a.steps, minutes=a.minutes, threads=a.threads,
                       batch_size=a.batch_size)
-    return cfg, a.out_dir, a.work_dir, a.resume
+    return cfg, a
 
 
 def main() -> None:
-    cfg, out_dir, work_dir, resume = parse_args()
+    cfg, args = parse_args()
+    out_dir, work_dir = args.out_dir, args.work_dir
+    if args.plot_only:
+        plot_metrics(work_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+        return
     work_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[
         logging.StreamHandler(), logging.FileHandler(work_dir / "train.log")])
     torch.set_num_threads(cfg.threads)
     (work_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     log.info("config %s", asdict(cfg))
-    train(cfg, out_dir, work_dir, resume)
+    train(cfg, out_dir, work_dir, args.resume)
 
 
 if __name__ == "__main__":
