@@ -68,7 +68,7 @@ class Registry:
     def heartbeat(self, status: worker_pb2.WorkerStatus) -> bool:
         """Records a heartbeat; True when the replica was already known."""
         self._check(status)
-        before = self.serving()
+        before = self._any_pickable()
         known = self.replicas.get(status.replica_id)
         if known is not None and known.address == status.address and known.status.role == status.role:
             known.status = status
@@ -78,7 +78,7 @@ class Registry:
             if known is not None:  # restarted elsewhere under the same id
                 self._forget(status.replica_id)
             self.replicas[status.replica_id] = self._new_replica(status)
-        if self.serving() != before or known is None:
+        if self._any_pickable() != before or known is None:
             self.on_change()
         return known is not None
 
@@ -127,10 +127,10 @@ class Registry:
         now = self.clock()
         gone = [rid for rid, r in self.replicas.items() if now - r.last_seen > self.timeout]
         if gone:
-            before = self.serving()
+            before = self._any_pickable()
             for rid in gone:
                 self._forget(rid)
-            if self.serving() != before:
+            if self._any_pickable() != before:
                 self.on_change()
         return gone
 
@@ -143,6 +143,10 @@ class Registry:
 
     def serving(self) -> bool:
         return bool(self.ready(PREFILL)) and bool(self.ready(DECODE))
+
+    def _any_pickable(self) -> bool:
+        """serving() without the staleness test: what heartbeats and expiry change."""
+        return all(any(r.pickable() for r in self.pool(role)) for role in (PREFILL, DECODE))
 
     def get(self, replica_id: str) -> Replica | None:
         return self.replicas.get(replica_id)
