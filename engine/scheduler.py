@@ -117,6 +117,12 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
+    def resume(self, req: Request) -> None:
+        """A request whose KV was written from outside (decode role) joins the running batch."""
+        req.status = RequestStatus.RUNNING
+        self._register_full_blocks(req)
+        self.running.append(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

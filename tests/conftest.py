@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +27,19 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], P
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for every end-to-end test (starting one costs ~10 s); shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=8, object_store_memory=256 << 20, include_dashboard=False,
+             log_to_driver=False, namespace="pdserve-tests")
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
