@@ -163,8 +163,10 @@ async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, bl
     replica.reserved_blocks += blocks
     replica.open_streams += 1
     call = replica.decode.Decode(request, timeout=_timeout(remaining))
+    worker_done = False
     try:
         async for response in call:
+            worker_done = response.finish_reason != worker_pb2.FINISH_NONE
             if lease.replica is not None:  # decode has pulled the KV and released the lease
                 lease.replica = None
                 replica.reserved_blocks -= blocks
@@ -175,6 +177,7 @@ async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, bl
         raise RouterError(grpc.StatusCode.INTERNAL,
                           f"decode replica {replica.replica_id}: stream ended without a finish reason")
     finally:
-        call.cancel()  # no-op when the call is over; aborts the request on the worker otherwise
+        if not worker_done:
+            call.cancel()  # the router finished first, or is cancelled: the worker aborts the request
         replica.reserved_blocks -= blocks
         replica.open_streams -= 1

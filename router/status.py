@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +92,6 @@ def _to_dict(msg: Message) -> dict[str, Any]:
     return out
 
 
-def status_json(resp: router_pb2.StatusResponse) -> str:
-    """The StatusResponse as JSON, proto field names."""
-    return json.dumps(_to_dict(resp), indent=2, sort_keys=True)
+def status_json(resp: router_pb2.StatusResponse) -> dict[str, Any]:
+    """The StatusResponse as a JSON-ready dict (proto field names): `json.dumps(status_json(r))`."""
+    return _to_dict(resp)

@@ -55,6 +55,7 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
         self.vocab = vocab
         self.record = Record()
         self.leased: set[str] = set()
+        self.fail: tuple[grpc.StatusCode, str] | None = None  # answer Prefill with this error
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
@@ -66,6 +67,8 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
         except asyncio.CancelledError:
             self.record.cancelled.append(rid)
             raise
+        if self.fail is not None:
+            await context.abort(*self.fail)
         self.leased.add(rid)
         handle = kv_pb2.KVHandle(request_id=rid, num_tokens=len(request.prompt_token_ids), block_size=16)
         return worker_pb2.PrefillResponse(
@@ -94,6 +97,7 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
         self.eos_after = eos_after
         self.vocab = vocab
         self.record = Record()
+        self.fail: tuple[grpc.StatusCode, str] | None = None  # fail the stream after one message
 
     def _token(self, last: int, n: int) -> int:
         return EOS if self.eos_after is not None and n == self.eos_after else next_token(last, self.vocab)
@@ -130,6 +134,8 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
             self.record.produced[rid] = n - 1
             await context.write(worker_pb2.DecodeResponse(
                 token_ids=tokens, logprobs=[-1.0] * len(tokens), finish_reason=finish))
+            if self.fail is not None:
+                await context.abort(*self.fail)
 
 
 async def _release(prefill_address: str, request_id: str) -> None:

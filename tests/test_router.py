@@ -327,3 +327,28 @@ async def test_client_helpers() -> None:
             await asyncio.to_thread(lambda: list(client.generate_stream(address, "", max_tokens=3)))
     finally:
         await c.close()
+
+
+@run
+async def test_worker_errors_map_to_clear_statuses() -> None:
+    prefill, decode = FakePrefill(), FakeDecode()
+    c = await start_cluster({"p0": prefill}, {"d0": decode})
+    try:
+        prefill.fail = (grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache full")
+        code, details = await status_of(c, build_request("abc"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == "prefill replica p0: RESOURCE_EXHAUSTED: KV cache full"
+        prefill.fail = (grpc.StatusCode.UNKNOWN, "boom")
+        code, details = await status_of(c, build_request("abc"))
+        assert code == grpc.StatusCode.INTERNAL and "p0" in details and "boom" in details
+        prefill.fail = None
+        decode.fail = (grpc.StatusCode.INTERNAL, "pull failed")
+        got: list[router_pb2.GenerateResponse] = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for m in c.stub.Generate(build_request("abc", max_tokens=10)):
+                got.append(m)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert info.value.details() == "decode replica d0: INTERNAL: pull failed"
+        assert len(got) == 2  # the first token, then the one decode message before the failure
+        await wait_for(lambda: c.router.deps.admission.inflight == 0)
+    finally:
+        await c.close()

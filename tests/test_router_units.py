@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import grpc
@@ -236,4 +237,6 @@ def test_status_table_and_json() -> None:
     )
     table = format_status(resp)
     assert "p0" in table and "40/100" in table and "3.0MiB" in table and "serving: yes" in table
-    assert '"kv_blocks_total": 100' in status_json(resp)
+    data = status_json(resp)
+    assert data["prefill"]["kv_blocks_total"] == 100 and data["serving"] is True
+    assert json.loads(json.dumps(data))["prefill"]["replicas"][0]["replica_id"] == "p0"
