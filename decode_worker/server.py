@@ -1,0 +1,141 @@
+"""The decode replica's gRPC service.
+
+Lifecycle of a request here:
+  1. `Decode` arrives with the prompt ids, prefill's first token and the KVHandle.
+  2. The engine reserves blocks for the prompt's KV (waiting up to `admission_wait_seconds` for room;
+     RESOURCE_EXHAUSTED after that, so the router can try another replica).
+  3. The puller pulls every needed prefill rank's heads straight into those blocks (timeout-bounded),
+     then tells the prefill replica to release its lease (also when the pull failed).
+  4. `resume` joins the request to the running batch; every engine step's new tokens for it leave as
+     one DecodeResponse (tokens that piled up while the stream was busy are merged into one message).
+  5. A cancelled stream aborts the request: the engine frees its blocks, whatever state it was in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.engine import StepOutput
+from engine.sampling import SamplingParams
+from kv_transfer.base import TransferError
+from kv_transfer.handle import KVHandle
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {
+    "stop": worker_pb2.FINISH_STOP,
+    "length": worker_pb2.FINISH_LENGTH,
+    "abort": worker_pb2.FINISH_ABORT,
+}
+
+Pull = Callable[[KVHandle, list[int], float], Awaitable[None]]
+Release = Callable[[str, str], Awaitable[None]]
+
+
+def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max(1, m.max_tokens),
+        temperature=m.temperature,
+        top_p=m.top_p if m.top_p > 0 else 1.0,
+        top_k=m.top_k if m.top_k != 0 else -1,
+        seed=m.seed if m.HasField("seed") else None,
+        stop=tuple(m.stop),
+        stop_token_ids=tuple(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs,
+    )
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        pull: Pull,
+        release: Release,
+        transfer_timeout: float,
+        admission_wait: float,
+    ) -> None:
+        self.engine = engine
+        self.pull = pull
+        self.release = release
+        self.transfer_timeout = transfer_timeout
+        self.admission_wait = admission_wait
+        self.active: set[str] = set()
+
+    async def Decode(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        rid = request.request_id
+        if not rid or rid in self.active:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
+        try:
+            params = sampling_from_wire(request.sampling)
+            handle = KVHandle.from_proto(request.kv)
+        except (ValueError, TransferError) as exc:
+            await self.release(request.prefill_address, rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.active.add(rid)
+        try:
+            stream = await self._admit_and_pull(request, params, handle, context)
+            async for message in self._stream(stream):
+                yield message
+        finally:
+            self.active.discard(rid)
+            self.engine.abort(rid)  # a no-op once finished; frees everything if cancelled
+
+    async def _admit_and_pull(
+        self,
+        request: worker_pb2.DecodeRequest,
+        params: SamplingParams,
+        handle: KVHandle,
+        context: grpc.aio.ServicerContext,
+    ) -> RequestStream:
+        rid, inner = request.request_id, self.engine.engine
+        prompt, first = list(request.prompt_token_ids), request.first_token
+        try:
+            blocks = await self._reserve(lambda: inner.add_prefilled(rid, prompt, first, params))
+            if blocks is None:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens"
+                )
+            stream = self.engine.open_stream(rid)
+            await self.pull(handle, list(blocks), self.transfer_timeout)
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        finally:
+            await self.release(request.prefill_address, rid)
+        await self.engine.call(lambda: inner.resume(rid))
+        return stream
+
+    async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
+        deadline = time.monotonic() + self.admission_wait
+        while True:
+            blocks = await self.engine.call(reserve)
+            if blocks is not None or time.monotonic() > deadline:
+                return blocks
+            await asyncio.sleep(0.02)
+
+    async def _stream(self, stream: RequestStream) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        while True:
+            outs = [await stream.next()] + stream.drain()
+            message = _merge(outs)
+            yield message
+            if message.finish_reason != worker_pb2.FINISH_NONE:
+                return
+
+
+def _merge(outs: list[StepOutput]) -> worker_pb2.DecodeResponse:
+    message = worker_pb2.DecodeResponse()
+    for out in outs:
+        message.token_ids.extend(out.token_ids)
+        message.logprobs.extend(out.logprobs)
+        if out.finish_reason is not None:
+            message.finish_reason = FINISH.get(out.finish_reason, worker_pb2.FINISH_ABORT)
+    return message

@@ -1,0 +1,137 @@
+"""`pdserve` command line: up, generate, status, demo, apply, bench, make-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from deploy.cluster import Cluster
+    from deploy.config import load_config
+
+    cfg = load_config(args.config, args.set or ())
+
+    async def run() -> None:
+        cluster = Cluster(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            address = await cluster.start()
+            print(f"pdserve router listening on {address} (Ctrl-C to stop)", flush=True)
+            await stop.wait()
+        finally:
+            print("shutting down...", flush=True)
+            await cluster.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from router.client import generate_stream
+
+    usage = None
+    for chunk in generate_stream(
+        args.address, args.prompt, timeout=args.timeout, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed,
+    ):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        usage = chunk.usage or usage
+    print()
+    if usage is not None:
+        print(f"[prompt {usage[0]} tokens, completion {usage[1]} tokens]", file=sys.stderr)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from router.client import format_status, get_status, status_json
+
+    status = get_status(args.address)
+    print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from engine.make_model import make_model
+
+    path = make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    print(f"wrote a random {args.arch}/{args.size} checkpoint to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deploy.demo import run_demo
+
+    return run_demo(args.config, args.max_tokens)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from deploy.apply import apply
+
+    return apply(args.config)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from deploy.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start Ray, both pools and the router from a YAML file")
+    up.add_argument("config", nargs="?", help="YAML file (default: the embedded local CPU config)")
+    up.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a YAML key")
+    up.set_defaults(fn=_cmd_up)
+    gen = sub.add_parser("generate", help="stream a completion from a running router")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--timeout", type=float, default=120.0)
+    gen.set_defaults(fn=_cmd_generate)
+    st = sub.add_parser("status", help="pools, replicas, KV use")
+    st.add_argument("--address", default="127.0.0.1:50051")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_cmd_status)
+    demo = sub.add_parser("demo", help="start the default cluster, stream a few prompts, shut down")
+    demo.add_argument("--config", default=None)
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.set_defaults(fn=_cmd_demo)
+    ap = sub.add_parser("apply", help="change a running deployment")
+    ap.add_argument("config")
+    ap.set_defaults(fn=_cmd_apply)
+    bench = sub.add_parser("bench", help="load generator (see `pdserve bench --help`)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(fn=_cmd_bench)
+    mm = sub.add_parser("make-model", help="write a random-weight HF checkpoint")
+    mm.add_argument("dir")
+    mm.add_argument("--arch", choices=("llama", "qwen2", "mistral"), default="llama")
+    mm.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.set_defaults(fn=_cmd_make_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one clear line
+        from deploy.config import ConfigError
+
+        if isinstance(exc, ConfigError | FileNotFoundError | ValueError):
+            print(f"pdserve: error: {exc}", file=sys.stderr)
+            return 2
+        raise

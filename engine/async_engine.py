@@ -1,0 +1,149 @@
+"""AsyncEngine: drives an LLMEngine on its own thread for an asyncio server.
+
+Lifecycle of a request:
+  1. `submit(...)` (or `submit_prefilled` + `resume`) queues a command for the engine thread and
+     returns a `RequestStream`.
+  2. The engine thread applies queued commands between steps, runs `step()` while there is work,
+     and pushes each StepOutput to the request's stream (thread-safe, via the event loop).
+  3. The caller iterates the stream until a StepOutput with a finish_reason arrives.
+  4. `abort(request_id)` at any time frees the request's blocks; its stream ends with "abort".
+
+The engine itself is not thread-safe: every engine call happens on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.engine import LLMEngine, StepOutput
+
+
+@dataclass(slots=True)
+class RequestStream:
+    """Step outputs of one request, delivered on the caller's event loop."""
+
+    request_id: str
+    queue: asyncio.Queue[StepOutput] = field(default_factory=asyncio.Queue)
+
+    async def next(self, timeout: float | None = None) -> StepOutput:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    def drain(self) -> list[StepOutput]:
+        """Everything already delivered, without waiting (lets callers batch tokens)."""
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
+
+class AsyncEngine:
+    """Owns the engine thread. All public methods are safe to call from the event loop."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # --- calls from the event loop -------------------------------------------------------
+    def submit(self, request_id: str, prompt: list[int], params: Any, hold_kv: bool = False) -> RequestStream:
+        stream = self._open(request_id)
+        self._commands.put(lambda: self.engine.add_request(request_id, prompt, params, hold_kv=hold_kv))
+        return stream
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the engine thread between steps and returns its result."""
+        done: asyncio.Future[Any] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._loop.call_soon_threadsafe(_set_exception, done, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, done, result)
+
+        self._commands.put(run)
+        return await done
+
+    def open_stream(self, request_id: str) -> RequestStream:
+        return self._open(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self._abort(request_id))
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    # --- the engine thread ---------------------------------------------------------------
+    def _open(self, request_id: str) -> RequestStream:
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        return stream
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._deliver(stream, StepOutput(request_id, [], [], "abort"))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._apply_commands(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    for out in self.engine.step():
+                        self._publish(out)
+        except BaseException as exc:  # noqa: BLE001 - a dead engine must fail its streams
+            self._error = exc
+            for stream in list(self._streams.values()):
+                self._deliver(stream, StepOutput(stream.request_id, [], [], "error"))
+            self._streams.clear()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _publish(self, out: StepOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finish_reason is not None:
+            del self._streams[out.request_id]
+        self._deliver(stream, out)
+
+    def _deliver(self, stream: RequestStream, out: StepOutput) -> None:
+        self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

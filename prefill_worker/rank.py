@@ -1,0 +1,90 @@
+"""A non-zero rank of a prefill TP group: a Ray actor placed in its replica's placement group.
+
+Lifecycle: `start()` joins the group's torch.distributed rendezvous, builds this rank's model slice
+and KV cache, starts the rank's KV source and returns its endpoint; a thread then runs the follower
+loop (rank 0's steps, until rank 0 stops the group). Rank 0 forwards leases as protobuf bytes
+(`lease()` / `unlease()`) so this rank serves pulls of exactly the leased blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.distributed import Follower
+from engine.engine import DTYPES
+from engine.kv_cache import CacheConfig
+from engine.tp import TPInfo
+from kv_transfer import make_source
+from kv_transfer.base import KVSource
+from pdserve.v1 import kv_pb2
+from prefill_worker.config import PrefillWorkerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """How a rank joins its TP group."""
+
+    init_method: str  # "tcp://host:port" of rank 0's rendezvous
+    world_size: int
+    cache: CacheConfig
+
+
+def init_group(spec: GroupSpec, rank: int, device: str) -> TPInfo:
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size)
+    return TPInfo(rank=rank, world_size=spec.world_size, group=dist.group.WORLD)
+
+
+def encode_lease(request_id: str, block_ids: list[int], expiry: float) -> bytes:
+    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry)
+    shard.shards.add(block_ids=block_ids)
+    return shard.SerializeToString()
+
+
+class PrefillRank:
+    """Ray actor body (wrapped with ray.remote by the replica)."""
+
+    def __init__(self, cfg: PrefillWorkerConfig, rank: int, spec: GroupSpec) -> None:
+        torch.set_num_threads(cfg.torch_threads)
+        self.cfg, self.rank, self.spec = cfg, rank, spec
+        self.source: KVSource | None = None
+        self.thread: threading.Thread | None = None
+
+    async def start(self) -> str:
+        import asyncio
+
+        follower = await asyncio.to_thread(self._build)
+        self.source = make_source(
+            self.cfg.kv_backend, follower.kv, self.rank, self.spec.world_size,
+            follower.model.config.num_kv_heads,
+        )
+        endpoint = await self.source.start(self.cfg.host)
+        self.thread = threading.Thread(target=follower.run, name=f"tp-rank{self.rank}", daemon=True)
+        self.thread.start()
+        return endpoint
+
+    def _build(self) -> Follower:
+        tp = init_group(self.spec, self.rank, self.cfg.device)
+        return Follower(
+            self.cfg.model_path, DTYPES[self.cfg.dtype], tp, self.spec.cache, device=self.cfg.device
+        )
+
+    def lease(self, lease: bytes) -> None:
+        msg = kv_pb2.KVHandle.FromString(lease)
+        assert self.source is not None
+        self.source.lease(msg.request_id, list(msg.shards[0].block_ids), msg.lease_expiry)
+
+    def unlease(self, request_id: str) -> None:
+        assert self.source is not None
+        self.source.unlease(request_id)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    async def stop(self) -> None:
+        if self.source is not None:
+            await self.source.close()

@@ -1,0 +1,139 @@
+"""The prefill replica's gRPC service.
+
+Lifecycle of a request here:
+  1. `Prefill` submits the prompt to the engine with hold_kv: the engine runs it in chunks on the TP
+     group, samples the first token and keeps the prompt's blocks.
+  2. The blocks are leased on every rank's KV source until `lease_seconds` from now, and the reply
+     carries the first token and a KVHandle naming every rank's endpoint and block ids.
+  3. `ReleaseKV` (from the decode replica once it pulled, or the router when it gives up) or the
+     lease's expiry frees the blocks: unlease on every rank, then `release_kv` in the engine.
+  4. A cancelled or timed-out `Prefill` aborts the request in the engine: nothing stays allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.sampling import SamplingParams
+from kv_transfer.handle import KVHandle, RankShard
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class RankLease:
+    """How the replica leases blocks on one rank's KV source (local call or a Ray actor call)."""
+
+    rank: int
+    endpoint: str
+    lease: Callable[[str, list[int], float], Awaitable[None]]
+    unlease: Callable[[str], Awaitable[None]]
+
+
+def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max(1, m.max_tokens),
+        temperature=m.temperature,
+        top_p=m.top_p if m.top_p > 0 else 1.0,
+        top_k=m.top_k if m.top_k != 0 else -1,
+        seed=m.seed if m.HasField("seed") else None,
+        stop=tuple(m.stop),
+        stop_token_ids=tuple(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs,
+    )
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        ranks: Sequence[RankLease],
+        lease_seconds: float,
+        dtype: str,
+    ) -> None:
+        self.engine = engine
+        self.ranks = list(ranks)
+        self.lease_seconds = lease_seconds
+        self.dtype = dtype
+        self.leases: dict[str, asyncio.TimerHandle] = {}
+        self.queued_prompt_tokens = 0
+
+    async def Prefill(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        rid = request.request_id
+        if not rid or rid in self.leases:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_wire(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.queued_prompt_tokens += len(prompt)
+        try:
+            out = await self._run(rid, prompt, params)
+        finally:
+            self.queued_prompt_tokens -= len(prompt)
+        if out.finish_reason in ("abort", "error") or not out.token_ids:
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} failed: {out.finish_reason}")
+        handle = await self._lease(rid, len(prompt))
+        logprob = out.logprobs[0] if out.logprobs else 0.0
+        return worker_pb2.PrefillResponse(
+            request_id=rid, first_token=out.token_ids[0], first_logprob=logprob, kv=handle.to_proto()
+        )
+
+    async def _run(self, rid: str, prompt: list[int], params: SamplingParams):  # type: ignore[no-untyped-def]
+        stream = self.engine.submit(rid, prompt, params, hold_kv=True)
+        try:
+            out = await stream.next()
+            while out.finish_reason is None:
+                out = await stream.next()
+            return out
+        except asyncio.CancelledError:
+            self.engine.abort(rid)
+            raise
+
+    async def _lease(self, rid: str, num_tokens: int) -> KVHandle:
+        inner = self.engine.engine
+        blocks = await self.engine.call(lambda: inner.kv_block_ids(rid))
+        expiry = time.time() + self.lease_seconds
+        await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
+        loop = asyncio.get_running_loop()
+        self.leases[rid] = loop.call_later(self.lease_seconds, lambda: asyncio.ensure_future(self.release(rid)))
+        cfg = inner.model_config
+        return KVHandle(
+            request_id=rid,
+            num_tokens=num_tokens,
+            block_size=inner.cache_config.block_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=self.dtype,
+            tp_size=len(self.ranks),
+            shards=tuple(RankShard(r.rank, r.endpoint, tuple(blocks)) for r in self.ranks),
+            lease_expiry=expiry,
+        )
+
+    async def release(self, rid: str) -> bool:
+        timer = self.leases.pop(rid, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
+        inner = self.engine.engine
+        await self.engine.call(lambda: inner.release_kv(rid))
+        return True
+
+    async def ReleaseKV(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReleaseKVResponse:
+        return worker_pb2.ReleaseKVResponse(released=await self.release(request.request_id))
+
+    def leased_blocks(self) -> int:
+        return len(self.leases)

@@ -1,0 +1,73 @@
+"""Helpers for end-to-end tests: one shared Ray session, real clusters (router + Serve pools + UCX).
+
+    with running_cluster(cfg) as cl: ...      # cl.address is the router's "host:port"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from deploy.cluster import Cluster
+from deploy.config import DeployConfig, parse_config
+
+
+def small_config(model_path: str, **sections: dict[str, Any]) -> DeployConfig:
+    """A CPU config sized for tests: ephemeral router port, small pools, short heartbeats."""
+    data: dict[str, Any] = {
+        "model": {"path": model_path, "block_size": 8},
+        "router": {"port": 0, "heartbeat_seconds": 0.25},
+        "prefill": {"tensor_parallel_size": 2, "num_kv_blocks": 256, "max_num_batched_tokens": 64,
+                    "resources": {"num_cpus": 0.25}},
+        "decode": {"num_kv_blocks": 256, "resources": {"num_cpus": 0.25}},
+        "kv_transfer": {"lease_seconds": 30, "timeout_seconds": 10},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_config(data, "test")
+
+
+class LoopThread:
+    """An asyncio loop on a thread, so sync tests can own an async cluster."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclasses.dataclass
+class RunningCluster:
+    cluster: Cluster
+    loop: LoopThread
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+
+@contextmanager
+def running_cluster(cfg: DeployConfig, timeout: float = 240.0) -> Iterator[RunningCluster]:
+    loop = LoopThread()
+    cluster = loop.run(_make(cfg))
+    try:
+        loop.run(cluster.start(timeout), timeout + 30)
+        yield RunningCluster(cluster, loop)
+    finally:
+        loop.run(cluster.stop(), 120)
+        loop.close()
+
+
+async def _make(cfg: DeployConfig) -> Cluster:
+    return Cluster(cfg)
