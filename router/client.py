@@ -11,12 +11,38 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
+from router.security import auth_metadata, client_channel
 from router.status import format_status, status_json
 
-__all__ = ["Chunk", "Completion", "format_status", "generate", "generate_stream", "get_status",
+__all__ = ["Chunk", "Completion", "Endpoint", "format_status", "generate", "generate_stream", "get_status",
            "status_json", "wait_healthy"]
 
 FINISH_NAMES = {router_pb2.STOP: "stop", router_pb2.LENGTH: "length", router_pb2.ABORT: "abort"}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how to reach a router: API key, and TLS files (PEM paths) when it uses TLS."""
+
+    address: str
+    api_key: str | None = None
+    root_ca: str | None = None      # trust this CA (turns TLS on)
+    client_cert: str | None = None  # mutual TLS
+    client_key: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        return client_channel(self.address, self.root_ca, self.client_cert, self.client_key)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return auth_metadata(self.api_key)
+
+
+Target = str | Endpoint
+
+
+def _endpoint(target: Target) -> Endpoint:
+    return target if isinstance(target, Endpoint) else Endpoint(target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +97,24 @@ def _chunk(msg: router_pb2.GenerateResponse) -> Chunk:
     )
 
 
-def generate_stream(address: str, prompt: str | Sequence[int], *, timeout: float | None = None,
+def generate_stream(address: Target, prompt: str | Sequence[int], *, timeout: float | None = None,
                     **sampling: object) -> Iterator[Chunk]:
     """Streams a completion; raises grpc.RpcError (e.g. INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
-    `sampling`: max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, logprobs, request_id."""
+    `sampling`: max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, logprobs, request_id.
+    Closing the iterator early cancels the call."""
     request = build_request(prompt, **sampling)  # type: ignore[arg-type]
-    with grpc.insecure_channel(address) as channel:
+    endpoint = _endpoint(address)
+    with endpoint.channel() as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        for msg in stub.Generate(request, timeout=timeout):
-            yield _chunk(msg)
+        call = stub.Generate(request, timeout=timeout, metadata=endpoint.metadata)
+        try:
+            for msg in call:
+                yield _chunk(msg)
+        finally:
+            call.cancel()
 
 
-def generate(address: str, prompt: str | Sequence[int], *, timeout: float | None = None,
+def generate(address: Target, prompt: str | Sequence[int], *, timeout: float | None = None,
              **sampling: object) -> Completion:
     """The whole completion, with time to first token."""
     start = time.perf_counter()
@@ -101,18 +133,19 @@ def generate(address: str, prompt: str | Sequence[int], *, timeout: float | None
                       first or 0.0, time.perf_counter() - start)
 
 
-def get_status(address: str, timeout: float = 5.0) -> router_pb2.StatusResponse:
-    with grpc.insecure_channel(address) as channel:
+def get_status(address: Target, timeout: float = 5.0) -> router_pb2.StatusResponse:
+    endpoint = _endpoint(address)
+    with endpoint.channel() as channel:
         response: router_pb2.StatusResponse = router_pb2_grpc.RouterStub(channel).GetStatus(
-            router_pb2.StatusRequest(), timeout=timeout)
+            router_pb2.StatusRequest(), timeout=timeout, metadata=endpoint.metadata)
         return response
 
 
-def wait_healthy(address: str, timeout: float, poll_seconds: float = 0.2) -> None:
+def wait_healthy(address: Target, timeout: float, poll_seconds: float = 0.2) -> None:
     """Returns once the router's health is SERVING; raises TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    with _endpoint(address).channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -123,4 +156,4 @@ def wait_healthy(address: str, timeout: float, poll_seconds: float = 0.2) -> Non
             except grpc.RpcError as e:
                 last = f"{e.code().name}"  # type: ignore[attr-defined]
             time.sleep(poll_seconds)
-    raise TimeoutError(f"router at {address} not SERVING after {timeout:.0f}s (last: {last})")
+    raise TimeoutError(f"router at {_endpoint(address).address} not SERVING after {timeout:.0f}s (last: {last})")

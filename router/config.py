@@ -27,6 +27,10 @@ class RouterConfig:
     affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
     worker_retries: int = 1          # extra prefill attempts on another replica when one is unavailable
     release_timeout_seconds: float = 2.0  # ReleaseKV calls after cancel/early finish
+    api_keys: tuple[str, ...] = ()   # accepted `authorization: Bearer <key>`; empty = no auth
+    tls_cert: str | None = None      # PEM certificate chain file: TLS on the public port
+    tls_key: str | None = None       # PEM private key file of tls_cert
+    tls_client_ca: str | None = None  # PEM CA file: clients must present a certificate it signed
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_len", "block_size", "max_inflight", "default_max_tokens"):
@@ -34,6 +38,10 @@ class RouterConfig:
                 raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.heartbeat_seconds <= 0:
             raise ValueError(f"RouterConfig.heartbeat_seconds must be > 0, got {self.heartbeat_seconds}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("RouterConfig.tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("RouterConfig.tls_client_ca needs tls_cert and tls_key")
         for port_name in ("port", "internal_port"):
             if not 0 <= getattr(self, port_name) <= 65535:
                 raise ValueError(f"RouterConfig.{port_name} must be in 0..65535")

@@ -1,7 +1,8 @@
 """RouterServer: the public API (Router, health, reflection) and the internal Registry, on grpc.aio.
 
 Public server (config.host:port): pdserve.v1.Router, grpc.health.v1.Health and server reflection.
-Health is NOT_SERVING until at least one ready prefill and one ready decode replica are registered,
+With api_keys set, Router calls need `authorization: Bearer <key>` (health and reflection stay open);
+with tls_cert/tls_key the public port speaks TLS. Health is NOT_SERVING until at least one ready prefill and one ready decode replica are registered,
 and goes back to NOT_SERVING when either pool empties. Internal server
 (config.internal_host:internal_port): pdserve.v1.Registry, where workers heartbeat.
 """
@@ -23,6 +24,7 @@ from router.config import RouterConfig
 from router.flow import FlowDeps
 from router.picker import AffinityMemory
 from router.registry import Registry
+from router.security import server_credentials
 from router.service import ROUTER_SERVICE, RegistryService, RouterService
 from router.tokenizer import TextCodec
 
@@ -71,7 +73,7 @@ class RouterServer:
         reflection.enable_server_reflection(
             (ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._public
         )
-        self.port = self._bind(self._public, self.config.host, self.config.port)
+        self.port = self._bind(self._public, self.config.host, self.config.port, server_credentials(self.config))
         self._internal = grpc.aio.server()
         worker_pb2_grpc.add_RegistryServicer_to_server(RegistryService(self.deps), self._internal)
         self.internal_port = self._bind(self._internal, self.config.internal_host, self.config.internal_port)
@@ -83,8 +85,13 @@ class RouterServer:
         log.info("router on %s, registry on %s", self.address, self.internal_address)
 
     @staticmethod
-    def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
-        bound = server.add_insecure_port(f"{host}:{port}")
+    def _bind(server: grpc.aio.Server, host: str, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> int:
+        address = f"{host}:{port}"
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
         return bound

@@ -8,6 +8,7 @@ from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from router.errors import RouterError
 from router.flow import FlowDeps, run_request
 from router.registry import RejectedHeartbeat
+from router.security import authorized
 from router.status import build_status
 from router.validate import InvalidRequest, prepare
 from router.wire import BadRequest, RequestParser
@@ -22,8 +23,14 @@ class RouterService:
         self.deps = deps
         self.parser = RequestParser()
 
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not authorized(context.invocation_metadata(), self.deps.config.api_keys):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown API key (send `authorization: Bearer <key>`)")
+
     async def generate(self, request: router_pb2.GenerateRequest | BadRequest,
                        context: grpc.aio.ServicerContext) -> None:
+        await self._authorize(context)
         if isinstance(request, BadRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return
@@ -39,6 +46,7 @@ class RouterService:
 
     async def get_status(self, request: router_pb2.StatusRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.StatusResponse:
+        await self._authorize(context)
         return build_status(self.deps.registry, self.deps.admission)
 
     def handler(self) -> grpc.GenericRpcHandler:
