@@ -18,6 +18,7 @@ from pdserve.v1 import kv_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from router.config import RouterConfig
 from router.server import RouterServer
+from router.tokenizer import TextCodec
 
 VOCAB = 300
 EOS = 299
@@ -50,9 +51,12 @@ class Record:
 
 
 class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, delay: float = 0.0, vocab: int = VOCAB) -> None:
+    """`script`: the completion to produce (its first token here), instead of last + 1."""
+
+    def __init__(self, delay: float = 0.0, vocab: int = VOCAB, script: Sequence[int] = ()) -> None:
         self.delay = delay
         self.vocab = vocab
+        self.script = tuple(script)
         self.record = Record()
         self.leased: set[str] = set()
         self.fail: tuple[grpc.StatusCode, str] | None = None  # answer Prefill with this error
@@ -72,7 +76,8 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
         self.leased.add(rid)
         handle = kv_pb2.KVHandle(request_id=rid, num_tokens=len(request.prompt_token_ids), block_size=16)
         return worker_pb2.PrefillResponse(
-            request_id=rid, first_token=next_token(request.prompt_token_ids[-1], self.vocab),
+            request_id=rid,
+            first_token=self.script[0] if self.script else next_token(request.prompt_token_ids[-1], self.vocab),
             first_logprob=-0.5, kv=handle,
         )
 
@@ -90,7 +95,8 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
     It does not enforce stop strings (the router must), so tests see the router do it."""
 
     def __init__(self, token_delay: float = 0.0, pull_delay: float = 0.0, batch: int = 1,
-                 eos_after: int | None = None, vocab: int = VOCAB) -> None:
+                 eos_after: int | None = None, vocab: int = VOCAB, script: Sequence[int] = ()) -> None:
+        self.script = tuple(script)  # completion tokens (index 0 came from prefill), then last + 1
         self.token_delay = token_delay
         self.pull_delay = pull_delay
         self.batch = batch
@@ -100,6 +106,8 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
         self.fail: tuple[grpc.StatusCode, str] | None = None  # fail the stream after one message
 
     def _token(self, last: int, n: int) -> int:
+        if n - 1 < len(self.script):
+            return self.script[n - 1]
         return EOS if self.eos_after is not None and n == self.eos_after else next_token(last, self.vocab)
 
     async def Decode(self, request: worker_pb2.DecodeRequest,  # noqa: N802
@@ -242,8 +250,9 @@ def make_config(**overrides: object) -> RouterConfig:
 
 
 async def start_cluster(prefills: dict[str, FakePrefill], decodes: dict[str, FakeDecode],
-                        config: RouterConfig | None = None, wait: bool = True) -> Cluster:
-    router = RouterServer(config or make_config(), ByteCodec())
+                        config: RouterConfig | None = None, wait: bool = True,
+                        codec: TextCodec | None = None) -> Cluster:
+    router = RouterServer(config or make_config(), codec or ByteCodec())
     await router.start()
     cluster = Cluster(router, [])
     servicers: dict[str, FakePrefill | FakeDecode] = {**prefills, **decodes}

@@ -352,3 +352,35 @@ async def test_worker_errors_map_to_clear_statuses() -> None:
         await wait_for(lambda: c.router.deps.admission.inflight == 0)
     finally:
         await c.close()
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """helper A's byte-level BPE tokenizer.json through engine.tokenizer.Tokenizer."""
+    make_model = pytest.importorskip("engine.make_model")
+    tokenizer = pytest.importorskip("engine.tokenizer")
+    folder = tmp_path_factory.mktemp("bpe")
+    make_model.write_tokenizer(folder)
+    return tokenizer.Tokenizer(folder / "tokenizer.json", eos_token_ids=(0,))
+
+
+def test_real_tokenizer_text_streams_whole_characters(bpe_tokenizer: Any) -> None:
+    target = " the café costs 3€. The end of it"
+    script = bpe_tokenizer.encode(target)
+
+    async def body() -> None:
+        cfg = make_config(vocab_size=1024, eos_token_ids=(0,))
+        c = await start_cluster({"p0": FakePrefill(script=script)}, {"d0": FakeDecode(script=script)}, cfg,
+                                codec=bpe_tokenizer)
+        try:
+            prompt = "Hello world,"
+            msgs = await collect(c, build_request(prompt, max_tokens=len(script)))
+            assert msgs[-1].usage.prompt_tokens == len(bpe_tokenizer.encode(prompt))
+            assert [t for m in msgs for t in m.token_ids] == script
+            assert _text(msgs) == target and not any("\ufffd" in m.text for m in msgs)
+            msgs = await collect(c, build_request(prompt, max_tokens=len(script), stop=["end", "€€"]))
+            assert _text(msgs) == " the café costs 3€. The " and msgs[-1].finish_reason == router_pb2.STOP
+        finally:
+            await c.close()
+
+    asyncio.run(asyncio.wait_for(body(), TIMEOUT))
