@@ -127,9 +127,10 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Att
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # cache: [NB, H, BS, D], table: [..., nb] -> [..., H, nb * BS, D]
-    blocks = cache[table]  # [..., nb, H, BS, D]
-    blocks = blocks.transpose(-4, -3)  # [..., H, nb, BS, D]
-    return blocks.flatten(-3, -2)
+    # index_select on the flat table: several times faster than cache[table] on a strided view
+    blocks = cache.index_select(0, table.reshape(-1))  # [(...) * nb, H, BS, D]
+    blocks = blocks.view(*table.shape, *cache.shape[1:])  # [..., nb, H, BS, D]
+    return blocks.transpose(-4, -3).flatten(-3, -2)  # [..., H, nb * BS, D]
 
 
 def _attend_prefill(
