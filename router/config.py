@@ -25,7 +25,7 @@ class RouterConfig:
     heartbeat_seconds: float = 0.5   # a replica silent for 3 x this is forgotten
     affinity_max_imbalance_tokens: int = 2048  # prefix affinity yields to load beyond this gap
     affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
-    worker_retries: int = 1          # extra prefill attempts on another replica when one is unavailable
+    worker_retries: int = 2          # extra attempts on other replicas (UNAVAILABLE / RESOURCE_EXHAUSTED)
     release_timeout_seconds: float = 2.0  # ReleaseKV calls after cancel/early finish
     api_keys: tuple[str, ...] = ()   # accepted `authorization: Bearer <key>`; empty = no auth
     tls_cert: str | None = None      # PEM certificate chain file: TLS on the public port

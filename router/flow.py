@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from pdserve.v1 import router_pb2, worker_pb2
@@ -32,6 +32,10 @@ from router.registry import DECODE, PREFILL, Registry, Replica
 from router.tokenizer import TextCodec
 from router.validate import Prepared
 
+# Worker answers after which the request moves to another replica (before anything streamed):
+# the replica is gone, or it has no room (decode: before pulling, so the KV lease still holds).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+T = TypeVar("T")
 Write = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
 Remaining = Callable[[], float | None]
 
@@ -87,29 +91,44 @@ async def _release(replica: Replica, request_id: str, timeout: float) -> None:
         pass  # the replica is gone or busy: the lease expires on its own
 
 
+async def _with_retries(stage: str, pick: Callable[[set[str]], Replica | None],
+                        attempt: Callable[[Replica], Awaitable[T]], may_retry: Callable[[], bool],
+                        retries: int) -> tuple[Replica, T]:
+    """attempt(best replica); after a RETRYABLE error, the next best one (at most `retries` more)."""
+    tried: set[str] = set()
+    last: RouterError | None = None
+    for _ in range(retries + 1):
+        replica = pick(tried)
+        if replica is None:
+            break
+        tried.add(replica.replica_id)
+        try:
+            return replica, await attempt(replica)
+        except grpc.aio.AioRpcError as e:
+            last = worker_error(stage, replica.replica_id, e)
+            if e.code() not in RETRYABLE or not may_retry():
+                raise last from None
+    raise last or unavailable(stage)
+
+
 async def _prefill(prep: Prepared, deps: FlowDeps, remaining: Remaining,
                    lease: Lease) -> tuple[Replica, worker_pb2.PrefillResponse]:
-    """Prefill on the best replica; on UNAVAILABLE, on another one (config.worker_retries times)."""
-    hashes = hash_blocks(prep.prompt_ids, deps.config.block_size, deps.config.affinity_blocks)
+    cfg = deps.config
+    hashes = hash_blocks(prep.prompt_ids, cfg.block_size, cfg.affinity_blocks)
     request = worker_pb2.PrefillRequest(
         request_id=prep.request_id, prompt_token_ids=prep.prompt_ids, sampling=prep.sampling
     )
-    tried: set[str] = set()
-    for attempt in range(deps.config.worker_retries + 1):
+
+    def pick(tried: set[str]) -> Replica | None:
         ready = [r for r in deps.registry.ready(PREFILL) if r.replica_id not in tried]
-        replica = pick_prefill(ready, hashes, deps.memory, deps.config.affinity_max_imbalance_tokens)
-        if replica is None:
-            raise unavailable("prefill")
-        tried.add(replica.replica_id)
-        try:
-            response = await _call_prefill(replica, request, remaining, lease)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and attempt < deps.config.worker_retries:
-                continue
-            raise worker_error("prefill", replica.replica_id, e) from None
-        deps.memory.record(hashes, replica.replica_id)
-        return replica, response
-    raise unavailable("prefill")
+        return pick_prefill(ready, hashes, deps.memory, cfg.affinity_max_imbalance_tokens)
+
+    replica, response = await _with_retries(
+        "prefill", pick, lambda r: _call_prefill(r, request, remaining, lease), lambda: True,
+        cfg.worker_retries,
+    )
+    deps.memory.record(hashes, replica.replica_id)
+    return replica, response
 
 
 async def _call_prefill(replica: Replica, request: worker_pb2.PrefillRequest, remaining: Remaining,
@@ -135,27 +154,21 @@ def _blocks_needed(prep: Prepared, block_size: int) -> int:
 async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_replica: Replica,
                   out: OutputState, deps: FlowDeps, write: Write, remaining: Remaining,
                   lease: Lease) -> None:
-    """Decode on the best replica; before its first message, UNAVAILABLE moves to another one."""
+    """Decode on the best replica; before its first message a RETRYABLE error moves it to another."""
     request = worker_pb2.DecodeRequest(
         request_id=prep.request_id, prompt_token_ids=prep.prompt_ids, first_token=first.first_token,
         sampling=prep.sampling, kv=first.kv, prefill_address=prefill_replica.address,
     )
-    tried: set[str] = set()
-    for attempt in range(deps.config.worker_retries + 1):
-        ready = [r for r in deps.registry.ready(DECODE) if r.replica_id not in tried]
-        replica = pick_decode(ready)
-        if replica is None:
-            raise unavailable("decode")
-        tried.add(replica.replica_id)
-        try:
-            await _stream_decode(replica, request, _blocks_needed(prep, deps.config.block_size),
-                                 out, write, remaining, lease)
-            return
-        except grpc.aio.AioRpcError as e:
-            retry = lease.replica is not None and attempt < deps.config.worker_retries
-            if e.code() == grpc.StatusCode.UNAVAILABLE and retry:
-                continue
-            raise worker_error("decode", replica.replica_id, e) from None
+    blocks = _blocks_needed(prep, deps.config.block_size)
+
+    def pick(tried: set[str]) -> Replica | None:
+        return pick_decode([r for r in deps.registry.ready(DECODE) if r.replica_id not in tried])
+
+    await _with_retries(
+        "decode", pick, lambda r: _stream_decode(r, request, blocks, out, write, remaining, lease),
+        lambda: lease.replica is not None,  # nothing streamed yet: the KV is still leased
+        deps.config.worker_retries,
+    )
 
 
 async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, blocks: int,

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 REGISTRY_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+RETIRE_GRACE_SECONDS = 60.0  # calls still running on a forgotten replica's channel get this long
 
 
 class RouterServer:
@@ -106,7 +107,7 @@ class RouterServer:
             await self.health.set(service, status)
 
     async def _maintain(self) -> None:
-        """Forgets silent replicas and closes their channels (calls still running get a grace)."""
+        """Forgets silent replicas, closes their channels (running calls get a grace), updates health."""
         period = self.config.heartbeat_seconds / 2
         while True:
             await asyncio.sleep(period)
@@ -114,7 +115,7 @@ class RouterServer:
             if gone:
                 log.warning("forgot silent replicas: %s", ", ".join(gone))
             for channel in self.registry.take_retired():
-                self._spawn(channel.close(self.registry.timeout))
+                self._spawn(channel.close(RETIRE_GRACE_SECONDS))
             await self._set_health()
 
     async def stop(self, grace: float | None = None) -> None:

@@ -104,6 +104,7 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
         self.vocab = vocab
         self.record = Record()
         self.fail: tuple[grpc.StatusCode, str] | None = None  # fail the stream after one message
+        self.reject: tuple[grpc.StatusCode, str] | None = None  # refuse before pulling (no room)
 
     def _token(self, last: int, n: int) -> int:
         if n - 1 < len(self.script):
@@ -115,6 +116,8 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
         rid = request.request_id
         self.record.requests.append(rid)
         self.record.started.set()
+        if self.reject is not None:
+            await context.abort(*self.reject)
         try:
             await asyncio.sleep(self.pull_delay)
             await _release(request.prefill_address, rid)

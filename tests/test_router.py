@@ -384,3 +384,25 @@ def test_real_tokenizer_text_streams_whole_characters(bpe_tokenizer: Any) -> Non
             await c.close()
 
     asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+
+
+@run
+async def test_decode_without_room_moves_to_another_replica() -> None:
+    prefill, full, spare = FakePrefill(), FakeDecode(), FakeDecode()
+    full.reject = (grpc.StatusCode.RESOURCE_EXHAUSTED, "no KV blocks")
+    c = await start_cluster({}, {}, wait=False)
+    try:
+        await c.add("p0", prefill)
+        await c.add("d-full", full, kv_blocks_free=900)  # looks best, but refuses
+        await c.add("d-spare", spare, kv_blocks_free=100)
+        await c.wait_serving()
+        await wait_for(lambda: len(c.router.registry.replicas) == 3)
+        msgs = await collect(c, build_request("abc", max_tokens=4, request_id="m1"))
+        assert _text(msgs) == "defg" and full.record.requests == ["m1"] and spare.record.finished == ["m1"]
+        assert prefill.record.released == ["m1"]  # released once, by the decode that pulled
+        spare.reject = full.reject
+        code, details = await status_of(c, build_request("abc", max_tokens=4, request_id="m2"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no KV blocks" in details
+        await wait_for(lambda: "m2" in prefill.record.released)  # the router gave the lease back
+    finally:
+        await c.close()
