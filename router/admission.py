@@ -7,11 +7,16 @@ class Overloaded(Exception):
     """Answered as RESOURCE_EXHAUSTED at once."""
 
 
+class DuplicateRequest(Exception):
+    """Answered as ALREADY_EXISTS: workers key requests by id, so ids in flight must be unique."""
+
+
 class Ticket:
     """One admitted request; prefill_done() and close() give its share back (idempotent)."""
 
-    def __init__(self, owner: Admission, prompt_tokens: int) -> None:
+    def __init__(self, owner: Admission, request_id: str, prompt_tokens: int) -> None:
         self._owner = owner
+        self._request_id = request_id
         self._queued = prompt_tokens
         self._open = True
 
@@ -23,6 +28,7 @@ class Ticket:
         if self._open:
             self.prefill_done()
             self._owner.inflight -= 1
+            self._owner.request_ids.discard(self._request_id)
             self._open = False
 
 
@@ -34,8 +40,11 @@ class Admission:
         self.max_queued_prompt_tokens = max_queued_prompt_tokens
         self.inflight = 0
         self.queued_prompt_tokens = 0
+        self.request_ids: set[str] = set()
 
-    def admit(self, prompt_tokens: int) -> Ticket:
+    def admit(self, request_id: str, prompt_tokens: int) -> Ticket:
+        if request_id in self.request_ids:
+            raise DuplicateRequest(f"request_id: {request_id!r} is already in flight")
         if self.inflight >= self.max_inflight:
             raise Overloaded(f"too many requests in flight ({self.inflight}, max {self.max_inflight}); retry later")
         queued = self.queued_prompt_tokens
@@ -46,4 +55,5 @@ class Admission:
             )
         self.inflight += 1
         self.queued_prompt_tokens += prompt_tokens
-        return Ticket(self, prompt_tokens)
+        self.request_ids.add(request_id)
+        return Ticket(self, request_id, prompt_tokens)

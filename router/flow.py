@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from pdserve.v1 import router_pb2, worker_pb2
 
-from router.admission import Admission, Overloaded
+from router.admission import Admission, DuplicateRequest, Overloaded
 from router.config import RouterConfig
 from router.errors import RouterError, unavailable, worker_error
 from router.output import OutputState
@@ -67,9 +67,11 @@ def _timeout(remaining: Remaining) -> float | None:
 async def run_request(prep: Prepared, deps: FlowDeps, write: Write, remaining: Remaining) -> None:
     """Streams the request's messages through `write`. Raises RouterError for a status to return."""
     try:
-        ticket = deps.admission.admit(len(prep.prompt_ids))
+        ticket = deps.admission.admit(prep.request_id, len(prep.prompt_ids))
     except Overloaded as e:
         raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+    except DuplicateRequest as e:
+        raise RouterError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
     lease = Lease()
     try:
         prefill_replica, first = await _prefill(prep, deps, remaining, lease)

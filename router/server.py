@@ -53,6 +53,7 @@ class RouterServer:
         self._public: grpc.aio.Server | None = None
         self._internal: grpc.aio.Server | None = None
         self._serving: bool | None = None
+        self._maintainer: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -82,7 +83,7 @@ class RouterServer:
         self.registry.on_change = lambda: self._spawn(self._set_health())
         await self._public.start()
         await self._internal.start()
-        self._spawn(self._maintain())
+        self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
         log.info("router on %s, registry on %s", self.address, self.internal_address)
 
     @staticmethod
@@ -124,6 +125,11 @@ class RouterServer:
         for server in (self._public, self._internal):
             if server is not None:
                 await server.stop(grace)
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            await asyncio.gather(self._maintainer, return_exceptions=True)
+        if self._tasks:  # ReleaseKV calls and health updates: let them finish, briefly
+            await asyncio.wait(list(self._tasks), timeout=self.config.release_timeout_seconds)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

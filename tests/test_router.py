@@ -229,10 +229,12 @@ async def test_admission_resource_exhausted() -> None:
     prefill, decode = FakePrefill(), FakeDecode(token_delay=0.05)
     c = await start_cluster({"p0": prefill}, {"d0": decode}, make_config(max_inflight=1))
     try:
-        slow = c.stub.Generate(build_request("abc", max_tokens=10))
+        slow = c.stub.Generate(build_request("abc", max_tokens=10, request_id="slow"))
         await slow.read()
         code, details = await status_of(c, build_request("abc", max_tokens=2))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in details
+        code, details = await status_of(c, build_request("abc", max_tokens=2, request_id="slow"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS and details.startswith("request_id")
         assert len(prefill.record.requests) == 1
         while await slow.read() != grpc.aio.EOF:
             pass

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from pdserve.v1 import router_pb2, worker_pb2
 
-from router.admission import Admission, Overloaded
+from router.admission import Admission, DuplicateRequest, Overloaded
 from router.detok import IncrementalDetokenizer, StopMatcher
 from router.output import OutputState
 from router.picker import AffinityMemory, pick_decode, pick_prefill
@@ -215,17 +215,19 @@ def test_picking_prefers_affinity_then_load_and_free_blocks() -> None:
 
 def test_admission_bounds() -> None:
     adm = Admission(max_inflight=2, max_queued_prompt_tokens=100)
-    big = adm.admit(500)  # alone in the queue: admitted even though larger than the bound
+    big = adm.admit("big", 500)  # alone in the queue: admitted even though larger than the bound
     with pytest.raises(Overloaded, match="prefill queue full"):
-        adm.admit(10)
+        adm.admit("a", 10)
     big.prefill_done()
-    t = adm.admit(10)
+    with pytest.raises(DuplicateRequest, match="request_id"):
+        adm.admit("big", 10)
+    t = adm.admit("t", 10)
     with pytest.raises(Overloaded, match="in flight"):
-        adm.admit(1)
+        adm.admit("b", 1)
     big.close()
     t.close()
     t.close()
-    assert adm.inflight == 0 and adm.queued_prompt_tokens == 0
+    assert adm.inflight == 0 and adm.queued_prompt_tokens == 0 and not adm.request_ids
 
 
 def test_status_table_and_json() -> None:
