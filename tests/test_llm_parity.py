@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.config import ModelConfig
 from tests.checkpoints import EOS_ID, KINDS, load_hf_model
 
 PROMPT_LENS = (3, 7, 12, 17, 24, 33, 41, 50)
@@ -127,6 +129,7 @@ def test_seeded_sampling_is_reproducible_across_batches(hf_checkpoint: Checkpoin
     assert mixed[1].token_ids == alone
     other = llm.generate(prompts[1:2], SamplingParams(max_tokens=16, temperature=1.0, seed=43, ignore_eos=True))
     assert other[0].token_ids != alone
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
 def test_top_k_1_is_greedy(hf_checkpoint: Checkpoint) -> None:
@@ -135,6 +138,7 @@ def test_top_k_1_is_greedy(hf_checkpoint: Checkpoint) -> None:
     greedy = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
     top1 = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=2.0, top_k=1, ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
 def test_stop_conditions(hf_checkpoint: Checkpoint) -> None:
@@ -160,12 +164,11 @@ def test_stop_conditions(hf_checkpoint: Checkpoint) -> None:
     text = llm.tokenizer.decode(out.token_ids)
     assert stop in text and stop not in llm.tokenizer.decode(out.token_ids[:-1])
     assert text.startswith(out.text) and base.token_ids[: len(out.token_ids)] == out.token_ids
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
-def _with_eos(cfg: object, eos: int) -> object:
-    from dataclasses import replace
-
-    return replace(cfg, eos_token_ids=(eos,))  # type: ignore[type-var]
+def _with_eos(cfg: ModelConfig, eos: int) -> ModelConfig:
+    return replace(cfg, eos_token_ids=(eos,))
 
 
 def test_context_window_finishes_with_length(hf_checkpoint: Checkpoint) -> None:
@@ -180,3 +183,42 @@ def test_context_window_finishes_with_length(hf_checkpoint: Checkpoint) -> None:
             reason = out.finish_reason
     assert len(tokens) == 10 and reason == "length"
     assert engine.num_free_blocks == 64
+
+
+def test_hold_kv_prefill_then_decode_in_another_engine(hf_checkpoint: Checkpoint) -> None:
+    """The disaggregated hand-off in one process: prefill holds KV, decode reserves, copies, resumes."""
+    path = str(hf_checkpoint("llama"))
+    prompts = _prompts(seed=10, lens=(9, 16, 27))
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
+    ref = LLM(path, block_size=8).generate(prompts, params)
+    pre = LLMEngine(EngineConfig(path, block_size=8, num_blocks=32))
+    dec = LLMEngine(EngineConfig(path, block_size=8, num_blocks=32))
+    assert dec.add_prefilled("pad", [1] * 20, 5, params) is not None  # shifts decode's block ids
+    for i, p in enumerate(prompts):
+        pre.add_request(str(i), p, params, hold_kv=True)
+    first: dict[str, int] = {}
+    while pre.has_work():
+        for out in pre.step():
+            assert out.finish_reason == "prefilled"
+            first[out.request_id] = out.token_ids[0]
+    assert pre.num_free_blocks == 32 - (2 + 2 + 4)
+    for i, p in enumerate(prompts):
+        rid = str(i)
+        src = pre.kv_block_ids(rid)
+        dst = dec.add_prefilled(rid, p, first[rid], params)
+        assert dst is not None and len(dst) == len(src) and dst != src
+        dec.kv[dst] = pre.kv[src]  # what kv_transfer does between machines
+        pre.release_kv(rid)
+        dec.resume(rid)
+    assert pre.num_free_blocks == 32
+    dec.abort("pad")
+    got = {rid: [tok] for rid, tok in first.items()}
+    while dec.has_work():
+        for out in dec.step():
+            got[out.request_id] += out.token_ids
+    assert [got[str(i)] for i in range(3)] == [o.token_ids for o in ref]
+    assert dec.num_free_blocks == 32
+    assert dec.add_prefilled("a", [1] * 200, 5, SamplingParams(max_tokens=1)) is not None
+    assert dec.add_prefilled("b", [1] * 100, 5, SamplingParams(max_tokens=1)) is None  # no room now
+    dec.abort("a")
+    assert dec.num_free_blocks == 32
