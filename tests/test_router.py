@@ -89,13 +89,19 @@ async def test_health_serving_only_with_both_pools() -> None:
         assert code == grpc.StatusCode.UNAVAILABLE and "decode" in details
         await c.add("d0", FakeDecode())
         await wait_for(lambda: c.router.registry.serving())
-        await asyncio.sleep(0.05)  # the health update runs in a task
+        for _ in range(100):  # the health update runs in a task
+            if await status() == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.02)
         assert await status() == health_pb2.HealthCheckResponse.SERVING
         named = await health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Router"))
         assert named.status == health_pb2.HealthCheckResponse.SERVING
         await c.worker("d0").stop_heartbeats()  # decode pool empties -> NOT_SERVING, replica forgotten
         await wait_for(lambda: c.router.registry.get("d0") is None)
-        await asyncio.sleep(0.1)
+        for _ in range(100):
+            if await status() == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.02)
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
         st = await c.stub.GetStatus(router_pb2.StatusRequest())
         assert [r.replica_id for r in st.prefill.replicas] == ["p0"] and not st.decode.replicas
