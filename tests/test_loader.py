@@ -262,3 +262,19 @@ def test_make_model_small_shape(tmp_path: Path) -> None:
         1536,
         49152,
     )
+
+
+def test_tokenizer_adds_bos_only_when_post_processor_does(tmp_path: Path) -> None:
+    from tokenizers import processors
+
+    from engine.make_model import train_tokenizer
+
+    raw = train_tokenizer()
+    raw.save(str(tmp_path / "plain.json"))
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    raw.save(str(tmp_path / "bos.json"))
+    plain, bos = Tokenizer(tmp_path / "plain.json"), Tokenizer(tmp_path / "bos.json")
+    assert bos.encode("hello world") == [0, *plain.encode("hello world")]
+    assert bos.decode(bos.encode("hello world")) == "hello world"

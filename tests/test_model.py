@@ -71,10 +71,27 @@ def test_mixed_batch(pair: tuple[LlamaModel, torch.nn.Module, Path]) -> None:
         )
 
 
-def test_bfloat16_close(pair: tuple[LlamaModel, torch.nn.Module, Path]) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close(
+    pair: tuple[LlamaModel, torch.nn.Module, Path], dtype: torch.dtype
+) -> None:
     _, hf, path = pair
     ids = _tokens(12, 8)
-    model_bf16 = build_model(path, torch.bfloat16)
-    (logits,) = PagedRunner(model_bf16).step([("a", ids)])
+    runner = PagedRunner(build_model(path, dtype))
+    assert runner.kv.dtype == dtype
+    logits = torch.cat(
+        [runner.step([("a", ids[:8])])[0]] + [runner.step([("a", [t])])[0] for t in ids[8:]]
+    )
     ref = _hf_logits(hf, ids)
     assert (logits - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_make_model_checkpoints_run(arch: str, tmp_path: Path) -> None:
+    """pdserve's own writer produces checkpoints transformers and pdserve agree on."""
+    from engine.make_model import main
+
+    assert main([str(tmp_path), "--arch", arch, "--seed", "3"]) == 0
+    ids = _tokens(10, 9)
+    (logits,) = PagedRunner(build_model(tmp_path, torch.float32)).step([("a", ids)])
+    torch.testing.assert_close(logits, _hf_logits(load_hf_model(tmp_path), ids), atol=ATOL, rtol=0)
