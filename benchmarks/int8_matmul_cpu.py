@@ -29,7 +29,9 @@ SHAPES = [
 Fn = Callable[[], torch.Tensor]
 
 
-def median_us(fns: dict[str, Fn], rounds: int, calls: int) -> dict[str, float]:
+def median_us(
+    fns: dict[str, Fn], rounds: int, calls: int, clock: Callable[[], float]
+) -> dict[str, float]:
     """Median over rounds of the mean time per call, kernels interleaved within each round."""
     for fn in fns.values():
         for _ in range(3):
@@ -37,10 +39,10 @@ def median_us(fns: dict[str, Fn], rounds: int, calls: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+            samples[name].append((clock() - t0) / calls * 1e6)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -115,17 +117,24 @@ def error_table(batch: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this thread's CPU time (robust on a shared box; needs --threads 1), wall: elapsed",
+    )
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", nargs="+", help="time only these columns (fp32 is always kept)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"avx512_bf16={torch.cpu._is_avx512_bf16_supported()}, vnni={torch.cpu._is_vnni_supported()}, "
-        f"threads {args.threads}"
+        f"threads {args.threads}, clock {args.clock}, rounds {args.rounds}"
     )
     compiled, ctimes = (None, {}) if args.no_compile else compile_times(SHAPES, args.batches)
     header = None
@@ -135,7 +144,7 @@ def main() -> None:
             fns = candidates(x, w, compiled)
             if args.only:
                 fns = {k: f for k, f in fns.items() if k in {"fp32", "cpu_auto", *args.only}}
-            res = median_us(fns, args.rounds, calls=max(4, 64 // m))
+            res = median_us(fns, args.rounds, max(4, 64 // m), clock)
             if header is None:
                 header = list(res)
                 print("\n| N x K | M | " + " | ".join(header) + " | cpu_auto/fp32 |")

@@ -50,7 +50,7 @@ def decode_meta(batch: int, context: int, block_size: int) -> AttnMetadata:
 
 
 def time_steps(
-    models: dict[str, LlamaModel], batch: int, context: int, steps: int
+    models: dict[str, LlamaModel], batch: int, context: int, steps: int, clock: Callable[[], float]
 ) -> dict[str, tuple[float, float]]:
     """Median ms of (model.forward, compute_logits) per variant, interleaved."""
     cfg = next(iter(models.values())).config
@@ -63,11 +63,11 @@ def time_steps(
     logit: dict[str, list[float]] = {k: [] for k in models}
     for step in range(steps + 2):
         for name, model in models.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             hidden = model(ids, pos, meta, kv)  # [B, D]
-            t1 = time.perf_counter()
+            t1 = clock()
             model.compute_logits(hidden)  # [B, V]
-            t2 = time.perf_counter()
+            t2 = clock()
             if step >= 2:  # first two steps warm up
                 fwd[name].append((t1 - t0) * 1e3)
                 logit[name].append((t2 - t1) * 1e3)
@@ -81,15 +81,24 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this thread's CPU time (robust on a shared box; needs --threads 1), wall: elapsed",
+    )
     ap.add_argument("--variants", nargs="+", default=["fp32", "int8", "int8:dequant"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or str(make_model(tmp, size="small"))
         models, loads = {}, {}
         for v in args.variants:
             models[v], loads[v] = load_variant(model_dir, v)
-        print(f"threads={args.threads} context={args.context} steps={args.steps} (median ms)")
+        print(
+            f"threads={args.threads} clock={args.clock} context={args.context} steps={args.steps} (median ms)"
+        )
         for v, m in models.items():
             kernels = sorted({mod.kernel for mod in m.modules() if isinstance(mod, Int8Linear)})
             print(
@@ -100,7 +109,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         with torch.inference_mode():
             for b in args.batches:
-                res = time_steps(models, b, args.context, args.steps)
+                res = time_steps(models, b, args.context, args.steps, clock)
                 base = sum(res[args.variants[0]])
                 for v, (f, lg) in res.items():
                     print(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.quant_kernels import (
+    BF16_SCALE_KERNELS,
     INT8_KERNELS,
     default_int8_kernel,
     fp8_linear,
@@ -103,10 +104,12 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # [N, K] int8
         self.register_buffer("scale", scale)  # [N] fp32
-        self.register_buffer("scale_lowp", scale.to(torch.bfloat16), persistent=False)  # [N]
         self.register_buffer("bias", bias)  # [N] full precision, or None
         self.kernel = resolve_int8_kernel(kernel, weight.device)
         self._matmul = INT8_KERNELS[self.kernel]
+        # bf16 copy of the scales for `_weight_int8pack_mm` (2 bytes per channel), else empty
+        lowp = scale.to(torch.bfloat16) if self.kernel in BF16_SCALE_KERNELS else scale[:0]
+        self.register_buffer("scale_lowp", lowp, persistent=False)  # [N] or [0]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:

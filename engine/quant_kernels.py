@@ -19,7 +19,7 @@ INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 # Batch sizes (rows of x) up to this use `_weight_int8pack_mm`; larger ones a bf16 GEMM.
 # Measured crossover on the AVX512-BF16 CPU (docs/quantization.md).
-PACK_MAX_ROWS = 4
+PACK_MAX_ROWS = 12
 
 # (x2d [M, K], q [N, K] int8, scale [N] fp32, scale_lowp [N] bf16) -> y [M, N] in x's dtype
 Int8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -101,6 +101,9 @@ INT8_KERNELS: Mapping[str, Int8Kernel] = MappingProxyType(
         "w8a8": int8_w8a8,
     }
 )
+
+
+BF16_SCALE_KERNELS = frozenset({"int8pack", "cpu_auto"})  # kernels that read `scale_lowp`
 
 
 def default_int8_kernel(device: torch.device) -> str:
