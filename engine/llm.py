@@ -8,6 +8,7 @@ this process's default torch.distributed group, so one TP LLM may live per proce
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,8 +24,11 @@ from engine.kv_cache import CacheConfig
 from engine.sampling import SamplingParams
 from engine.tp import TPInfo
 
-# followers wait on rank 0 between generate() calls, so the collective timeout must be long
-_TP_TIMEOUT = timedelta(hours=24)
+# followers wait on rank 0 between generate() calls, so their collective timeout must be long;
+# rank 0 only ever waits for a follower's current forward pass
+_FOLLOWER_TIMEOUT = timedelta(hours=24)
+_RANK0_TIMEOUT = timedelta(minutes=10)
+_START_TIMEOUT_S = 120.0
 
 
 @dataclass(slots=True)
@@ -45,7 +49,8 @@ def _follower_main(
 
     torch.set_num_threads(threads)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=_TP_TIMEOUT)
+    store.set(f"started/{rank}", "1")
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=_FOLLOWER_TIMEOUT)
     try:
         tp = TPInfo(rank, world, dist.group.WORLD)
         run_follower(cfg.model, DTYPES[cfg.dtype], tp, cache, device=cfg.device, quantization=cfg.quantization)
@@ -72,7 +77,13 @@ class _TPGroup:
         ]
         for p in self.procs:
             p.start()
-        dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=_TP_TIMEOUT)
+        try:
+            for rank, p in enumerate(self.procs, start=1):
+                _wait_started(store, rank, p)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=_RANK0_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
         self.tp = TPInfo(0, world, dist.group.WORLD)
 
     def close(self) -> None:
@@ -82,6 +93,20 @@ class _TPGroup:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _wait_started(store: dist.TCPStore, rank: int, proc: Any) -> None:
+    """Wait for a spawned rank to reach the store, failing fast if its process died."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while True:
+        try:
+            store.wait([f"started/{rank}"], timedelta(seconds=1))
+            return
+        except Exception:
+            if not proc.is_alive():
+                raise RuntimeError(f"TP rank {rank} exited with code {proc.exitcode} at start-up") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TP rank {rank} did not start within {_START_TIMEOUT_S:.0f} s") from None
 
 
 def _shutdown(engine: LLMEngine, group: _TPGroup | None) -> None:

@@ -74,7 +74,7 @@ def sample(
     tokens = logits.argmax(dim=-1)  # [N]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, dtype=torch.long)
+        rows = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
         probs = _filtered_probs(logits[rows], [params[i] for i in random_rows])  # [R, V]
         for j, i in enumerate(random_rows):
             tokens[i] = _draw(probs[j], generators[i])
@@ -84,13 +84,13 @@ def sample(
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """logits: [R, V] -> probabilities [R, V] after temperature, top-k and top-p."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    dev, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
     logits = logits / temps[:, None]
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    ranks = torch.arange(vocab)[None, :]  # [1, V]
+    ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
     drop = ranks >= top_k[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V]
