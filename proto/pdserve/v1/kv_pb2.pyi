@@ -41,16 +41,22 @@ class KVHandle(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "head_start", "head_end")
+    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
     HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     head_start: int
     head_end: int
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+    segments: _containers.RepeatedScalarFieldContainer[int]
+    tag: int
+    reply_address: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("ok", "error", "payload_bytes")

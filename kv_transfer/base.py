@@ -1,0 +1,273 @@
+"""Transfer interfaces: the prefill side serves KV blocks (`KVSource`), the decode side pulls them
+(`KVPuller`). Backends (ucx, torch_dist, fake) implement only the transport; leases, request
+validation, re-sharding and payload layout live here and in `payload.py`.
+
+Wire: a decode rank sends a `pdserve.v1.kv_pb2.PullRequest`; the source answers with a
+`PullResponse`; when ok, the payload follows as one raw message per segment (see payload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from pdserve.v1 import kv_pb2
+
+if TYPE_CHECKING:
+    from kv_transfer.handle import KVHandle
+    from kv_transfer.reshard import PullPlan
+
+MAX_REQUEST_BYTES = 1 << 20  # a PullRequest larger than this is rejected unread
+MAX_SEGMENTS = 64  # payload messages per pull
+
+
+class TransferError(RuntimeError):
+    """A pull failed: bad metadata, refused by the source, peer gone, or timed out."""
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"  # pull() called (or not yet), nothing sent
+    CONNECTING = "connecting"  # reaching a source / forming a channel
+    TRANSFERRING = "transferring"  # a source accepted; payload in flight
+    DONE = "done"  # every shard written into the destination blocks
+    FAILED = "failed"  # TransferError raised; destination blocks hold garbage
+
+
+def check_layout(kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
+    """kv must be [num_blocks, num_layers, 2, num_kv_heads / tp_size, block_size, head_dim]."""
+    if kv.dim() != 6 or kv.shape[2] != 2 or not kv.is_contiguous():
+        raise TransferError(f"kv must be a contiguous 6-d [N, L, 2, H, B, D] tensor, got {tuple(kv.shape)}")
+    if tp_size <= 0 or not 0 <= rank < tp_size or num_kv_heads % tp_size:
+        raise TransferError(f"bad rank {rank} / tp_size {tp_size} for {num_kv_heads} heads")
+    if kv.shape[3] != num_kv_heads // tp_size:
+        raise TransferError(f"kv has {kv.shape[3]} heads, rank of {tp_size} needs {num_kv_heads // tp_size}")
+
+
+@dataclass(slots=True)
+class Answer:
+    """A source's reply to one PullRequest: the response, then (when ok) the payload segments."""
+
+    response: kv_pb2.PullResponse
+    tensors: list[torch.Tensor] = field(default_factory=list)  # contiguous, one per segment
+    request: kv_pb2.PullRequest | None = None
+
+
+def refuse(error: str) -> Answer:
+    return Answer(kv_pb2.PullResponse(ok=False, error=error))
+
+
+class KVSource(ABC):
+    """Prefill side: serves one TP rank's KV blocks to decode ranks.
+
+    The prefill worker calls: `await start(host)` once (the endpoint goes into every RankShard),
+    `lease(request_id, block_ids, expiry)` when a request's prefill is done (the blocks stay
+    allocated), `unlease(request_id)` on ReleaseKV or abort, `expired()` periodically to free the
+    blocks of leases that ran out, and `await close()` at shutdown.
+    The backend calls `answer(request_bytes)` for every PullRequest it receives and sends the
+    result; a refused or malformed request never stops the source.
+    """
+
+    def __init__(self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
+        check_layout(kv, rank, tp_size, num_kv_heads)
+        self.kv = kv  # [N, L, 2, H_rank, B, D]
+        self.rank = rank
+        self.tp_size = tp_size
+        self.num_kv_heads = num_kv_heads
+        self._leases: dict[str, tuple[frozenset[int], float]] = {}
+        self._fail_next = 0
+        self._lock = threading.Lock()  # torch_dist serves from threads
+
+    @abstractmethod
+    async def start(self, host: str) -> str:
+        """Starts serving on host (port from the backend's config; 0 = ephemeral); returns the
+        endpoint string decode ranks connect to."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stops serving and frees the backend's resources; leases are dropped."""
+
+    def lease(self, request_id: str, block_ids: Sequence[int], expiry: float) -> None:
+        """Allows pulls of block_ids for request_id until expiry (unix seconds)."""
+        num_blocks = self.kv.shape[0]
+        if any(not 0 <= b < num_blocks for b in block_ids):
+            raise TransferError(f"lease of {request_id}: block id out of [0, {num_blocks})")
+        with self._lock:
+            self._leases[request_id] = (frozenset(block_ids), expiry)
+
+    def unlease(self, request_id: str) -> None:
+        with self._lock:
+            self._leases.pop(request_id, None)
+
+    def leased_blocks(self) -> int:
+        """Blocks under a lease that has not expired."""
+        now = time.time()
+        with self._lock:
+            return sum(len(ids) for ids, expiry in self._leases.values() if expiry >= now)
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Drops and returns the request ids whose lease ran out (the worker frees their blocks)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            gone = [rid for rid, (_, expiry) in self._leases.items() if expiry < now]
+            for rid in gone:
+                del self._leases[rid]
+        return gone
+
+    def fail_next_pulls(self, n: int) -> None:
+        """Fault injection (tests): the next n valid pulls are refused."""
+        with self._lock:
+            self._fail_next = n
+
+    def answer(self, data: bytes) -> Answer:
+        """Validates one serialized PullRequest and builds the payload (views or gathered copies)."""
+        from kv_transfer.payload import source_tensors  # payload imports this module
+
+        if len(data) > MAX_REQUEST_BYTES:
+            return refuse(f"request of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
+        try:
+            req = kv_pb2.PullRequest.FromString(data)
+        except Exception as e:  # noqa: BLE001 - any decode error is the peer's fault
+            return refuse(f"malformed PullRequest: {e}")
+        error = self._check(req)
+        if error:
+            return refuse(error)
+        heads = (req.head_start, req.head_end)
+        segments = list(req.segments) or [len(req.block_ids)]
+        tensors = source_tensors(self.kv, list(req.block_ids), segments, heads)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return Answer(kv_pb2.PullResponse(ok=True, payload_bytes=nbytes), tensors, req)
+
+    def _check(self, req: kv_pb2.PullRequest) -> str | None:
+        with self._lock:
+            lease = self._leases.get(req.request_id)
+            if lease is None:
+                return f"no lease for request {req.request_id!r}"
+            ids, expiry = lease
+            if expiry < time.time():
+                del self._leases[req.request_id]
+                return f"lease of {req.request_id!r} expired"
+            if self._fail_next > 0:
+                self._fail_next -= 1
+                return "injected failure (fail_next_pulls)"
+        if not req.block_ids or not set(req.block_ids) <= ids:
+            return f"block ids not leased to {req.request_id!r}"
+        if not 0 <= req.head_start < req.head_end <= self.kv.shape[3]:
+            return f"bad head range [{req.head_start}, {req.head_end}) of {self.kv.shape[3]} heads"
+        segments = list(req.segments)
+        if segments and (
+            len(segments) > MAX_SEGMENTS or min(segments) <= 0 or sum(segments) != len(req.block_ids)
+        ):
+            return f"bad segments {segments[:8]}... for {len(req.block_ids)} blocks"
+        return None
+
+
+class KVPuller(ABC):
+    """Decode side: pulls a request's KV blocks into blocks this rank allocated.
+
+    The decode worker calls `await pull(handle, dst_block_ids, timeout)` once per request (raises
+    TransferError; on failure the destination blocks hold garbage and should be freed), may read
+    `state(request_id)` and should `forget(request_id)` when done; `await close()` at shutdown.
+    Backends implement `_pull_shard` (one prefill rank) and `close`.
+    """
+
+    def __init__(self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
+        check_layout(kv, rank, tp_size, num_kv_heads)
+        self.kv = kv  # [N, L, 2, H_rank, B, D]
+        self.rank = rank
+        self.tp_size = tp_size
+        self.num_kv_heads = num_kv_heads
+        self._states: dict[str, TransferState] = {}
+
+    def state(self, request_id: str) -> TransferState:
+        return self._states.get(request_id, TransferState.PENDING)
+
+    def forget(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def _set_state(self, request_id: str, state: TransferState) -> None:
+        if self._states.get(request_id) is not TransferState.FAILED:
+            self._states[request_id] = state
+
+    async def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], timeout: float) -> None:
+        """Pulls every prefill rank's share of handle into kv[dst_block_ids] (same order)."""
+        from kv_transfer.reshard import plan_pulls
+
+        rid = handle.request_id
+        self._states[rid] = TransferState.PENDING
+        try:
+            self._check_handle(handle, dst_block_ids)
+            plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads)
+            deadline = time.monotonic() + timeout
+            coros = [self._pull_plan(handle, p, list(dst_block_ids), deadline) for p in plans]
+            await asyncio.wait_for(_all_or_cancel(coros), timeout)
+        except Exception as e:
+            self._states[rid] = TransferState.FAILED
+            if isinstance(e, TransferError):
+                raise
+            if isinstance(e, asyncio.TimeoutError):
+                raise TransferError(f"pull of {rid} timed out after {timeout}s") from e
+            raise TransferError(f"pull of {rid} failed: {type(e).__name__}: {e}") from e
+        self._states[rid] = TransferState.DONE
+
+    async def _pull_plan(self, handle: KVHandle, plan: PullPlan, dst: list[int], deadline: float) -> None:
+        from kv_transfer.payload import plan_segments
+
+        shard = handle.shards[plan.src_rank]
+        full = plan.dst_heads == (0, self.kv.shape[3])
+        segments = plan_segments(list(shard.block_ids), dst, full)
+        req = kv_pb2.PullRequest(
+            request_id=handle.request_id,
+            block_ids=list(shard.block_ids),
+            head_start=plan.src_heads[0],
+            head_end=plan.src_heads[1],
+            segments=segments,
+        )
+        await self._pull_shard(shard.endpoint, req, dst, plan.dst_heads, deadline)
+
+    @abstractmethod
+    async def _pull_shard(
+        self,
+        endpoint: str,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,  # time.monotonic() seconds
+    ) -> None:
+        """Sends request to the source at endpoint and lands the payload with payload.Landing."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Drops every connection; later pulls reconnect."""
+
+    def _check_handle(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> None:
+        from kv_transfer.handle import dtype_name
+
+        handle.validate()
+        _, layers, _, _, block_size, head_dim = self.kv.shape
+        ours = (layers, block_size, head_dim, self.num_kv_heads, dtype_name(self.kv.dtype))
+        theirs = (handle.num_layers, handle.block_size, handle.head_dim, handle.num_kv_heads, handle.dtype)
+        if ours != theirs:
+            raise TransferError(f"layout mismatch: (layers, block, head_dim, heads, dtype) {theirs} vs ours {ours}")
+        if len(dst_block_ids) != handle.num_blocks:
+            raise TransferError(f"{len(dst_block_ids)} destination blocks for {handle.num_blocks}")
+        if any(not 0 <= b < self.kv.shape[0] for b in dst_block_ids):
+            raise TransferError(f"destination block id out of [0, {self.kv.shape[0]})")
+
+
+async def _all_or_cancel(coros: list) -> None:
+    """Runs coros concurrently; the first failure cancels the rest and propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

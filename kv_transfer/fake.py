@@ -1,0 +1,106 @@
+"""In-process backend for unit tests of the workers: same validation and payload path, no wire.
+
+A `FakeRegistry` (created by the test, passed to every source and puller) maps endpoints to
+sources. Requests and responses still go through protobuf bytes so the fake cannot drift from
+the real backends' contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import torch
+from pdserve.v1 import kv_pb2
+
+from kv_transfer.base import KVPuller, KVSource, TransferError, TransferState
+from kv_transfer.payload import make_landing
+
+
+class FakeRegistry:
+    """Endpoint name -> source, for one test (no module-level state)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, FakeSource] = {}
+        self._next = 0
+
+    def add(self, source: FakeSource, host: str) -> str:
+        self._next += 1
+        endpoint = f"{host}:{self._next}"
+        self._sources[endpoint] = source
+        return endpoint
+
+    def remove(self, endpoint: str) -> None:
+        self._sources.pop(endpoint, None)
+
+    def get(self, endpoint: str) -> FakeSource:
+        source = self._sources.get(endpoint)
+        if source is None:
+            raise TransferError(f"no source at {endpoint}")
+        return source
+
+
+class FakeSource(KVSource):
+    def __init__(
+        self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int, *, registry: FakeRegistry
+    ) -> None:
+        super().__init__(kv, rank, tp_size, num_kv_heads)
+        self._registry = registry
+        self.endpoint: str | None = None
+
+    async def start(self, host: str) -> str:
+        self.endpoint = self._registry.add(self, host)
+        return self.endpoint
+
+    async def close(self) -> None:
+        if self.endpoint is not None:
+            self._registry.remove(self.endpoint)
+            self.endpoint = None
+        with self._lock:
+            self._leases.clear()
+
+
+class FakePuller(KVPuller):
+    def __init__(
+        self,
+        kv: torch.Tensor,
+        rank: int,
+        tp_size: int,
+        num_kv_heads: int,
+        *,
+        registry: FakeRegistry,
+        delay: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(kv, rank, tp_size, num_kv_heads)
+        self._registry = registry
+        self._delay = delay  # seconds per shard, to exercise timeouts in worker tests
+        self._clock = clock
+
+    async def _pull_shard(
+        self,
+        endpoint: str,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,
+    ) -> None:
+        self._set_state(request.request_id, TransferState.CONNECTING)
+        source = self._registry.get(endpoint)
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        answer = source.answer(request.SerializeToString())
+        response = kv_pb2.PullResponse.FromString(answer.response.SerializeToString())
+        if not response.ok:
+            raise TransferError(f"source {endpoint} refused: {response.error}")
+        self._set_state(request.request_id, TransferState.TRANSFERRING)
+        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
+        if landing.nbytes != response.payload_bytes:
+            raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
+        for buf, tensor in zip(landing.buffers, answer.tensors, strict=True):
+            buf.copy_(tensor)
+        landing.finish()
+
+    async def close(self) -> None:
+        return None
