@@ -150,7 +150,7 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, hold_kv: bool = False
     ) -> None:
         """Queue a request; raises ValueError if it is malformed or can never fit the KV pool."""
-        req = self._new_request(request_id, prompt_token_ids, params)
+        req = self._new_request(request_id, prompt_token_ids, params, hold_kv=hold_kv)
         req.hold_kv = hold_kv
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -251,13 +251,15 @@ class LLMEngine:
         except KeyError:
             raise KeyError(f"unknown request {request_id!r}") from None
 
-    def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
-        self._validate(request_id, prompt, params)
+    def _new_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, hold_kv: bool = False
+    ) -> Request:
+        self._validate(request_id, prompt, 1 if hold_kv else params.max_tokens)
         gen = torch.Generator(device=self.kv.device)
         gen.manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
         return Request(request_id, list(prompt), params, gen)
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: list[int], max_new_tokens: int) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt:
@@ -270,12 +272,12 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(prompt)} tokens; the context window is {self.max_model_len}"
             )
-        worst = min(len(prompt) + params.max_tokens, self.max_model_len)
+        worst = min(len(prompt) + max_new_tokens, self.max_model_len)
         capacity = self.cache_config.num_blocks * self.cache_config.block_size
         if worst > capacity:
             raise ValueError(
                 f"request needs up to {worst} tokens of KV cache (prompt {len(prompt)} + "
-                f"max_tokens {params.max_tokens}) but the whole pool holds {capacity}"
+                f"{max_new_tokens} new) but the whole pool holds {capacity}"
             )
 
     def shutdown(self) -> None:

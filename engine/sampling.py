@@ -68,7 +68,8 @@ def sample(
     """Sample one token per row.
 
     logits: [N, V] fp32; ``params[i]``/``generators[i]`` belong to row i.
-    Returns (token_ids [N] int64, logprobs [N] fp32 of those tokens under the raw distribution).
+    Returns (token_ids [N] int64, logprobs [N] fp32 of those tokens under the raw distribution;
+    0 for rows whose params do not ask for logprobs).
     """
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # [N]
@@ -78,7 +79,12 @@ def sample(
         probs = _filtered_probs(logits[rows], [params[i] for i in random_rows])  # [R, V]
         for j, i in enumerate(random_rows):
             tokens[i] = _draw(probs[j], generators[i])
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # [N]
+    logprobs = torch.zeros(len(params), dtype=torch.float32, device=logits.device)  # [N]
+    want = [i for i, p in enumerate(params) if p.logprobs]
+    if want:
+        rows = torch.tensor(want, dtype=torch.long, device=logits.device)
+        picked = torch.log_softmax(logits[rows], dim=-1).gather(1, tokens[rows, None])  # [W, 1]
+        logprobs[rows] = picked.squeeze(1)
     return tokens, logprobs
 
 

@@ -29,7 +29,7 @@ def test_params_validation_names_field() -> None:
 
 def test_greedy_and_logprobs() -> None:
     logits = torch.randn(3, 50)
-    toks, lps = sample(logits, [SamplingParams()] * 3, _gens(3))
+    toks, lps = sample(logits, [SamplingParams(logprobs=True)] * 3, _gens(3))
     assert torch.equal(toks, logits.argmax(-1))
     ref = torch.log_softmax(logits, -1).gather(1, toks[:, None]).squeeze(1)
     torch.testing.assert_close(lps, ref)
@@ -63,6 +63,6 @@ def test_top_k_and_top_p_restrict_support() -> None:
 
 def test_logprobs_are_of_raw_distribution_when_sampling() -> None:
     logits = torch.randn(2, 30)
-    toks, lps = sample(logits, [SamplingParams(temperature=0.5, top_k=3)] * 2, _gens(2))
+    toks, lps = sample(logits, [SamplingParams(temperature=0.5, top_k=3, logprobs=True)] * 2, _gens(2))
     ref = torch.log_softmax(logits, -1).gather(1, toks[:, None]).squeeze(1)
     torch.testing.assert_close(lps, ref)
