@@ -222,3 +222,18 @@ def test_hold_kv_prefill_then_decode_in_another_engine(hf_checkpoint: Checkpoint
     assert dec.add_prefilled("b", [1] * 100, 5, SamplingParams(max_tokens=1)) is None  # no room now
     dec.abort("a")
     assert dec.num_free_blocks == 32
+
+
+def test_step_pack_unpack_roundtrip() -> None:
+    from engine.attention import AttnMetadata
+    from engine.distributed import pack_step, unpack_step
+    from engine.model_runner import StepInputs
+
+    meta = AttnMetadata([1, 3], [9, 3], torch.tensor([[4, 7], [2, 0]]), torch.tensor([72, 32, 33, 34]))
+    inputs = StepInputs(torch.tensor([5, 6, 7, 8]), torch.tensor([8, 0, 1, 2]), meta)
+    header, payload = pack_step(inputs)
+    back = unpack_step(header.tolist(), payload.clone())
+    assert back.meta.query_lens == [1, 3] and back.meta.seq_lens == [9, 3]
+    assert torch.equal(back.meta.block_tables, meta.block_tables)
+    assert torch.equal(back.meta.slot_mapping, meta.slot_mapping)
+    assert torch.equal(back.input_ids, inputs.input_ids) and torch.equal(back.positions, inputs.positions)
