@@ -255,3 +255,32 @@ def test_fp8_linear_on_gpu() -> None:
         out = model(ids).float()
     assert all(isinstance(m, Fp8Linear) for m in _decoder_linears(model).values())
     assert ((out - ref).norm() / ref.norm()) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases stay full precision
+def test_loader_hook_on_real_model(kind: str, hf_checkpoint: Any) -> None:
+    """engine.model.build_model with the per-layer hook: int8 logits track fp32 ones."""
+    from engine.attention import AttnMetadata
+    from engine.kv_cache import CacheConfig, allocate_kv
+    from engine.model import build_model
+
+    path = hf_checkpoint(kind)
+    ref_model = build_model(path, torch.float32)
+    q_model = build_model(
+        path, torch.float32, quantize_layer=quantize_layer_fn(QuantConfig("int8"))
+    )
+    assert all(isinstance(m, Int8Linear) for m in _decoder_linears(q_model).values())
+    assert type(q_model.lm_head) is nn.Linear
+    assert weight_bytes(q_model) < weight_bytes(ref_model)
+    t = 8
+    meta = AttnMetadata([t], [t], torch.tensor([[0]]), torch.arange(t))
+    logits = []
+    for model in (ref_model, q_model):
+        kv = allocate_kv(
+            model.config, CacheConfig(block_size=16, num_blocks=2), 1, torch.float32, "cpu"
+        )
+        with torch.inference_mode():
+            hidden = model(torch.arange(1, t + 1), torch.arange(t), meta, kv)  # [T, D]
+            logits.append(model.compute_logits(hidden))  # [T, V]
+    rel = (logits[1] - logits[0]).norm() / logits[0].norm()
+    assert rel < 0.05, rel.item()
