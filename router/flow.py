@@ -175,9 +175,9 @@ async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_rep
 
 async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, blocks: int,
                          out: OutputState, write: Write, remaining: Remaining, lease: Lease) -> None:
+    call = replica.decode.Decode(request, timeout=_timeout(remaining))
     replica.reserved_blocks += blocks
     replica.open_streams += 1
-    call = replica.decode.Decode(request, timeout=_timeout(remaining))
     worker_done = False
     try:
         async for response in call:
