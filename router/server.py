@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 REGISTRY_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A taken port is an error, not silently shared (gRPC sets SO_REUSEPORT by default).
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 RETIRE_GRACE_SECONDS = 60.0  # calls still running on a forgotten replica's channel get this long
 
 
@@ -69,14 +71,14 @@ class RouterServer:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        self._public = grpc.aio.server()
+        self._public = grpc.aio.server(options=SERVER_OPTIONS)
         self._public.add_generic_rpc_handlers((RouterService(self.deps).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._public)
         reflection.enable_server_reflection(
             (ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._public
         )
         self.port = self._bind(self._public, self.config.host, self.config.port, server_credentials(self.config))
-        self._internal = grpc.aio.server()
+        self._internal = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_RegistryServicer_to_server(RegistryService(self.deps), self._internal)
         self.internal_port = self._bind(self._internal, self.config.internal_host, self.config.internal_port)
         await self._set_health()
@@ -90,12 +92,15 @@ class RouterServer:
     def _bind(server: grpc.aio.Server, host: str, port: int,
               credentials: grpc.ServerCredentials | None = None) -> int:
         address = f"{host}:{port}"
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
+        except RuntimeError as e:
+            raise OSError(f"router: cannot bind {address} (in use, or not an address of this host)") from e
         if bound == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+            raise OSError(f"router: cannot bind {address}")
         return bound
 
     async def _set_health(self) -> None:

@@ -414,3 +414,19 @@ async def test_decode_without_room_moves_to_another_replica() -> None:
         await wait_for(lambda: "m2" in prefill.record.released)  # the router gave the lease back
     finally:
         await c.close()
+
+
+@run
+async def test_taken_port_is_a_clear_error() -> None:
+    from router.server import RouterServer
+    from tests.fake_workers import ByteCodec
+
+    first = RouterServer(make_config(), ByteCodec())
+    await first.start()
+    try:
+        second = RouterServer(make_config(port=first.port), ByteCodec())
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{first.port}"):
+            await second.start()
+        await second.stop(0)
+    finally:
+        await first.stop(0)
