@@ -173,6 +173,14 @@ async def _with_registry_checks() -> None:
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(RejectedHeartbeat):
         reg.heartbeat(worker_pb2.WorkerStatus(replica_id="y", address="a:1"))
+    reg.heartbeat(_status("d1", DECODE))
+    assert reg.serving() and changes[-1] is True
+    reg.heartbeat(_status("d1", DECODE, draining=True))  # a draining replica takes no new work
+    assert not reg.serving() and changes[-1] is False
+    reg.heartbeat(_status("d1", DECODE, ready=False))
+    assert not reg.serving()
+    reg.heartbeat(_status("d1", DECODE))
+    assert reg.serving() and changes[-1] is True
     await reg.close()
 
 
