@@ -61,7 +61,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.ranks = list(ranks)
         self.lease_seconds = lease_seconds
         self.dtype = dtype
-        self.leases: dict[str, asyncio.TimerHandle] = {}
+        self.leases: dict[str, tuple[asyncio.TimerHandle, int]] = {}  # request id -> (expiry timer, blocks)
         self.queued_prompt_tokens = 0
 
     async def Prefill(  # noqa: N802 - gRPC method name
@@ -105,7 +105,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         expiry = time.time() + self.lease_seconds
         await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
         loop = asyncio.get_running_loop()
-        self.leases[rid] = loop.call_later(self.lease_seconds, lambda: asyncio.ensure_future(self.release(rid)))
+        timer = loop.call_later(self.lease_seconds, lambda: asyncio.ensure_future(self.release(rid)))
+        self.leases[rid] = (timer, len(blocks))
         cfg = inner.model_config
         return KVHandle(
             request_id=rid,
@@ -121,10 +122,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         )
 
     async def release(self, rid: str) -> bool:
-        timer = self.leases.pop(rid, None)
-        if timer is None:
+        lease = self.leases.pop(rid, None)
+        if lease is None:
             return False
-        timer.cancel()
+        lease[0].cancel()
         await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
         inner = self.engine.engine
         await self.engine.call(lambda: inner.release_kv(rid))
@@ -136,4 +137,4 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.ReleaseKVResponse(released=await self.release(request.request_id))
 
     def leased_blocks(self) -> int:
-        return len(self.leases)
+        return sum(blocks for _, blocks in self.leases.values())

@@ -50,13 +50,28 @@ def _blocks_all_free(address: str) -> bool:
     return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
 
 
-def _wait_free(address: str, within: float) -> float:
+def _wait_free(address: str, within: float, heartbeat: float = 0.25) -> float:
+    """Seconds until every block is free; the state must hold across two heartbeats (not a stale one)."""
     start = time.monotonic()
-    while not _blocks_all_free(address):
+    while True:
+        if _blocks_all_free(address):
+            freed = time.monotonic() - start
+            time.sleep(2 * heartbeat)
+            if _blocks_all_free(address):
+                return freed
         if time.monotonic() - start > within:
             raise AssertionError(f"blocks not free after {within}s: {get_status(address)}")
         time.sleep(0.05)
-    return time.monotonic() - start
+
+
+def _wait_leased(address: str, within: float = 2.0) -> int:
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        leased = get_status(address).prefill.replicas[0].kv_blocks_leased
+        if leased:
+            return leased
+        time.sleep(0.05)
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +150,7 @@ def test_lease_expires_when_decode_never_pulls(tp2: RunningCluster) -> None:
         reply = stub.Prefill(worker_pb2.PrefillRequest(
             request_id="never-pulled", prompt_token_ids=_prompts()[5], sampling=sampling), timeout=30)
     assert len(reply.kv.shards) == 2 and reply.kv.shards[0].block_ids
-    assert get_status(tp2.address).prefill.replicas[0].kv_blocks_leased > 0
+    assert _wait_leased(tp2.address) == len(reply.kv.shards[0].block_ids)
     _wait_free(tp2.address, within=3.0 + 2.0)  # the lease is 3 s
 
 

@@ -1,0 +1,35 @@
+"""Pick a transfer backend by its config name: `ucx` (ucxx) or `torch` (torch.distributed)."""
+
+from __future__ import annotations
+
+import torch
+
+from kv_transfer.base import KVPuller, KVSource
+
+BACKENDS = ("ucx", "torch")
+
+
+def make_source(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> KVSource:
+    """The prefill side of `backend` over one rank's cache."""
+    if backend == "ucx":
+        from kv_transfer.ucx import UCXSource
+
+        return UCXSource(kv, rank, tp_size, num_kv_heads)
+    if backend == "torch":
+        from kv_transfer.torch_dist import TorchDistSource
+
+        return TorchDistSource(kv, rank, tp_size, num_kv_heads)
+    raise ValueError(f"unknown kv_transfer.backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def make_puller(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> KVPuller:
+    """The decode side of `backend` over one rank's cache."""
+    if backend == "ucx":
+        from kv_transfer.ucx import UCXPuller
+
+        return UCXPuller(kv, rank, tp_size, num_kv_heads)
+    if backend == "torch":
+        from kv_transfer.torch_dist import TorchDistPuller
+
+        return TorchDistPuller(kv, rank, tp_size, num_kv_heads)
+    raise ValueError(f"unknown kv_transfer.backend {backend!r}; choose from {', '.join(BACKENDS)}")
