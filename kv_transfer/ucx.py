@@ -1,0 +1,251 @@
+"""UCX backend through ucxx (asyncio API).
+
+Connection: the puller connects to the source's listener (`host:port`) with peer-failure
+handling on, so a dead source fails the pull at once; it caches one connection per source and
+sends one request at a time on it. Wire, per pull, on that connection: the puller sends the
+PullRequest (an 8-byte little-endian length, then the protobuf bytes); the source answers with a
+PullResponse the same way; when ok, the payload follows as one raw message per segment
+(payload.py) with tag `request.tag + i`. The puller receives each segment straight into its KV
+blocks when they are a contiguous run with all of its heads, else into staging.
+
+Fast path (`UCXConfig.shared_memory`, default on): the puller also sends its UCX worker address
+and the source sends the payload over an endpoint to that address created *without* peer-failure
+handling, which lets UCX use shared memory (sysv/posix eager, cma single-copy rendezvous) on one
+host; with failure handling on, UCX allows only tcp. Receives stay on the connection's endpoint,
+so a failure or timeout aborts it and cancels every receive posted into the destination blocks.
+
+ucxx keeps one context per process: every source and puller in a process shares it (one progress
+thread per event loop); close() releases only this object's listener and endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import ucxx
+from pdserve.v1 import kv_pb2
+
+from kv_transfer.base import (
+    MAX_REQUEST_BYTES,
+    KVPuller,
+    KVSource,
+    TransferError,
+    TransferState,
+    refuse,
+)
+from kv_transfer.payload import make_landing
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class UCXConfig:
+    port: int = 0  # source listener port; 0 = ephemeral (the endpoint string has the real one)
+    connect_timeout: float = 5.0  # seconds; also bounded by the pull's timeout
+    send_timeout: float = 30.0  # source: a payload not taken within this aborts the connection
+    shared_memory: bool = True  # puller: payload over a failure-handling-free endpoint (sm/cma)
+
+
+def as_buffer(t: torch.Tensor) -> Any:
+    """A contiguous tensor as a byte buffer ucxx can send from / receive into (no copy)."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat.numpy() if flat.device.type == "cpu" else flat  # CUDA: __cuda_array_interface__
+
+
+async def _within(deadline: float | None, aw: Awaitable[T]) -> T:
+    if deadline is None:
+        return await aw
+    return await asyncio.wait_for(aw, max(1e-3, deadline - time.monotonic()))
+
+
+async def send_message(ep: Any, data: bytes) -> None:
+    """Length-prefixed message: 8-byte little-endian length, then the bytes (if any)."""
+    await ep.send(np.array([len(data)], dtype="<u8"))
+    if data:
+        await ep.send(np.frombuffer(data, dtype=np.uint8))
+
+
+async def recv_message(ep: Any, limit: int) -> bytes | None:
+    """Receives one length-prefixed message; None when it announces more than limit bytes."""
+    header = np.empty(1, dtype="<u8")
+    await ep.recv(header)
+    n = int(header[0])
+    if n > limit:
+        return None
+    body = np.empty(n, dtype=np.uint8)
+    if n:
+        await ep.recv(body)
+    return body.tobytes()
+
+
+class UCXSource(KVSource):
+    def __init__(
+        self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int, config: UCXConfig | None = None
+    ) -> None:
+        super().__init__(kv, rank, tp_size, num_kv_heads)
+        self.config = config or UCXConfig()
+        self._listener: Any = None
+        self._clients: set[Any] = set()  # control endpoints being served
+        self._data_eps: dict[bytes, Any] = {}  # puller worker address -> endpoint
+
+    async def start(self, host: str) -> str:
+        self._listener = ucxx.create_listener(self._serve, port=self.config.port)
+        return f"{host}:{self._listener.port}"
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for ep in [*self._clients, *self._data_eps.values()]:
+            ep.abort()
+        self._clients.clear()
+        self._data_eps.clear()
+        with self._lock:
+            self._leases.clear()
+
+    async def _serve(self, ep: Any) -> None:
+        """One decode connection: answer its requests in order until it closes or misbehaves."""
+        self._clients.add(ep)
+        try:
+            while self._listener is not None:
+                if not await self._serve_one(ep):
+                    break
+        except Exception:  # noqa: BLE001 - peer gone or timed out: drop this connection only
+            pass
+        finally:
+            self._clients.discard(ep)
+            ep.abort()
+
+    async def _serve_one(self, ep: Any) -> bool:
+        data = await recv_message(ep, MAX_REQUEST_BYTES)
+        if data is None:  # oversized: refuse, and drop the connection (its body is unread)
+            await send_message(ep, refuse("request too large").response.SerializeToString())
+            return False
+        answer = self.answer(data)
+        await send_message(ep, answer.response.SerializeToString())
+        if not answer.response.ok or answer.request is None:
+            return True
+        req = answer.request
+        target = await self._data_ep(req.reply_address) if req.reply_address else ep
+        sends = [
+            target.send(as_buffer(t), tag=(req.tag + i) % 2**64, force_tag=True)
+            for i, t in enumerate(answer.tensors)
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*sends), self.config.send_timeout)
+        except BaseException:
+            self._drop_data_ep(req.reply_address)
+            raise
+        return True
+
+    async def _data_ep(self, address: bytes) -> Any:
+        ep = self._data_eps.get(address)
+        if ep is None:
+            ucx_address = ucxx.get_ucx_address_from_buffer(address)
+            ep = await ucxx.create_endpoint_from_worker_address(ucx_address, endpoint_error_handling=False)
+            self._data_eps[address] = ep
+        return ep
+
+    def _drop_data_ep(self, address: bytes) -> None:
+        ep = self._data_eps.pop(address, None)
+        if ep is not None:
+            ep.abort()
+
+
+class UCXPuller(KVPuller):
+    def __init__(
+        self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int, config: UCXConfig | None = None
+    ) -> None:
+        super().__init__(kv, rank, tp_size, num_kv_heads)
+        self.config = config or UCXConfig()
+        self._eps: dict[str, Any] = {}  # source endpoint -> control endpoint
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def close(self) -> None:
+        for endpoint in list(self._eps):
+            self._drop(endpoint)
+        self._locks.clear()
+
+    async def _pull_shard(
+        self,
+        endpoint: str,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,
+    ) -> None:
+        self._bind_loop()
+        async with self._locks.setdefault(endpoint, asyncio.Lock()):
+            self._set_state(request.request_id, TransferState.CONNECTING)
+            ep = await self._connect(endpoint, deadline)
+            try:
+                await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
+            except BaseException:
+                self._drop(endpoint)  # cancels receives posted into kv; the next pull reconnects
+                raise
+
+    async def _exchange(
+        self,
+        ep: Any,
+        endpoint: str,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,
+    ) -> None:
+        request.tag = secrets.randbits(63)
+        if self.config.shared_memory:
+            request.reply_address = ucxx.get_worker_address().tobytes()
+        await _within(deadline, send_message(ep, request.SerializeToString()))
+        data = await _within(deadline, recv_message(ep, MAX_REQUEST_BYTES))
+        response = kv_pb2.PullResponse.FromString(data or b"")
+        if not response.ok:
+            raise TransferError(f"source {endpoint} refused: {response.error}")
+        self._set_state(request.request_id, TransferState.TRANSFERRING)
+        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
+        if landing.nbytes != response.payload_bytes:
+            raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
+        recvs = [
+            ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True)
+            for i, buf in enumerate(landing.buffers)
+        ]
+        await _within(deadline, asyncio.gather(*recvs))
+        landing.finish()
+
+    async def _connect(self, endpoint: str, deadline: float) -> Any:
+        ep = self._eps.get(endpoint)
+        if ep is not None and not ep.closed:
+            return ep
+        host, _, port = endpoint.rpartition(":")
+        timeout = min(self.config.connect_timeout, max(1e-3, deadline - time.monotonic()))
+        try:
+            ep = await asyncio.wait_for(
+                ucxx.create_endpoint(host, int(port), endpoint_error_handling=True, connect_timeout=timeout),
+                timeout,
+            )
+        except Exception as e:
+            raise TransferError(f"cannot connect to KV source {endpoint}: {type(e).__name__}: {e}") from e
+        self._eps[endpoint] = ep
+        return ep
+
+    def _drop(self, endpoint: str) -> None:
+        ep = self._eps.pop(endpoint, None)
+        if ep is not None:
+            ep.abort()
+
+    def _bind_loop(self) -> None:
+        """Endpoints belong to the loop that made them: a new loop starts from scratch."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            for endpoint in list(self._eps):
+                self._drop(endpoint)
+            self._locks.clear()
+            self._loop = loop
