@@ -13,6 +13,7 @@ import asyncio
 
 import grpc
 import torch
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.server import DecodeService
@@ -23,7 +24,6 @@ from engine.quant import weight_bytes
 from kv_transfer import make_puller
 from kv_transfer.base import KVPuller
 from kv_transfer.handle import KVHandle
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 
 class DecodeReplica:

@@ -17,15 +17,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn
 
 import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.engine import StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             blocks = await self._reserve(lambda: inner.add_prefilled(rid, prompt, first, params))
             if blocks is None:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens"
-                )
+                await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens")
             stream = self.engine.open_stream(rid)
             await self.pull(handle, list(blocks), self.transfer_timeout)
         except TransferError as exc:
@@ -129,6 +128,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             yield message
             if message.finish_reason != worker_pb2.FINISH_NONE:
                 return
+
+
+async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")
 
 
 def _merge(outs: list[StepOutput]) -> worker_pb2.DecodeResponse:

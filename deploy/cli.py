@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.cluster import Cluster
     from deploy.config import load_config

@@ -8,10 +8,10 @@ import sys
 import time
 
 import grpc
+from pdserve.v1 import router_pb2_grpc
 
 from deploy.cluster import Cluster
 from deploy.config import load_config
-from pdserve.v1 import router_pb2, router_pb2_grpc
 from router.client import build_request
 
 DEMO_PROMPTS = (

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from ray import serve
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from deploy.config import DeployConfig, ResourcesConfig
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
 
@@ -69,7 +69,9 @@ class _PoolReplica:
 
 @serve.deployment(health_check_period_s=2, graceful_shutdown_timeout_s=10)
 class PrefillDeployment(_PoolReplica):
-    async def __init__(self, cfg: PrefillWorkerConfig) -> None:
+    replica: PrefillReplica
+
+    async def __init__(self, cfg: PrefillWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
         self.replica = PrefillReplica(cfg)
         await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
 
@@ -80,7 +82,9 @@ class PrefillDeployment(_PoolReplica):
 
 @serve.deployment(health_check_period_s=2, graceful_shutdown_timeout_s=10)
 class DecodeDeployment(_PoolReplica):
-    async def __init__(self, cfg: DecodeWorkerConfig) -> None:
+    replica: DecodeReplica
+
+    async def __init__(self, cfg: DecodeWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
         self.replica = DecodeReplica(cfg)
         await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
 
@@ -148,10 +152,12 @@ def build_prefill_app(cfg: DeployConfig, registry: str) -> serve.Application:
     if p.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [_bundle(p.resources)] * p.tensor_parallel_size
         options["placement_group_strategy"] = "PACK"
-    return PrefillDeployment.options(**options).bind(prefill_worker_config(cfg, registry))
+    deployment: Any = PrefillDeployment
+    return deployment.options(**options).bind(prefill_worker_config(cfg, registry))
 
 
 def build_decode_app(cfg: DeployConfig, registry: str) -> serve.Application:
     d = cfg.decode
     options = {"ray_actor_options": _actor_options(d.resources), **_scaling(d.replicas, d.autoscaling)}
-    return DecodeDeployment.options(**options).bind(decode_worker_config(cfg, registry))
+    deployment: Any = DecodeDeployment
+    return deployment.options(**options).bind(decode_worker_config(cfg, registry))

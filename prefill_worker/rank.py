@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from pdserve.v1 import kv_pb2
 
 from engine.distributed import Follower
 from engine.engine import DTYPES
@@ -20,7 +21,6 @@ from engine.kv_cache import CacheConfig
 from engine.tp import TPInfo
 from kv_transfer import make_source
 from kv_transfer.base import KVSource
-from pdserve.v1 import kv_pb2
 from prefill_worker.config import PrefillWorkerConfig
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import torch
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
 from engine.engine import DTYPES, EngineConfig, LLMEngine
@@ -24,7 +25,6 @@ from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
 from kv_transfer import make_source
 from kv_transfer.base import KVSource
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.rank import GroupSpec, PrefillRank, encode_lease, init_group
 from prefill_worker.server import PrefillService, RankLease
@@ -58,7 +58,7 @@ class PrefillReplica:
         source = make_source(self.cfg.kv_backend, llm.kv, 0, spec.world_size, llm.model_config.num_kv_heads)
         self.sources.append(source)
         ranks = [_local_lease(source, await source.start(self.cfg.host))]
-        for rank, (actor, endpoint) in enumerate(zip(self.followers, await asyncio.gather(*follower_starts)), 1):
+        for rank, (actor, endpoint) in enumerate(zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1):
             ranks.append(_remote_lease(actor, rank, endpoint))
         self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.dtype)
         self.server = grpc.aio.server()

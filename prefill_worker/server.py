@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
 from engine.sampling import SamplingParams
 from kv_transfer.handle import KVHandle, RankShard
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 
 @dataclass(frozen=True, slots=True)
