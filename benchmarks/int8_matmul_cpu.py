@@ -1,15 +1,16 @@
 """int8 x fp32-activation matmul candidates vs fp32 `F.linear` on this CPU (SmolLM-135M layer shapes).
 
-    python benchmarks/int8_matmul_cpu.py [--threads 1] [--rounds 15] [--no-compile]
+    python benchmarks/int8_matmul_cpu.py [--threads 1] [--rounds 15] [--no-compile] [--cold-mib 128]
 
 Prints one markdown table of median microseconds per call (all kernels timed in the same run,
 interleaved round by round so machine load hits them alike), then the relative output error of each
-kernel against fp32 with the unquantized weight, then the crossover batch for `cpu_auto`.
+kernel against fp32 with the unquantized weight.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 import warnings
@@ -89,6 +90,12 @@ def candidates(
     return fns
 
 
+def cycling(fns: list[Fn]) -> Fn:
+    """Each call runs the next copy: with enough copies every weight comes from DRAM, not cache."""
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
+
+
 def compile_times(
     shapes: list[tuple[int, int]], batches: list[int]
 ) -> tuple[Callable[..., torch.Tensor], dict]:
@@ -126,6 +133,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument(
+        "--cold-mib",
+        type=int,
+        default=0,
+        help="cycle through copies of each weight totalling this many fp32 MiB (> L3: DRAM-bound "
+        "like a real decode step, which streams every layer's weights once); 0 = one hot copy",
+    )
     ap.add_argument("--only", nargs="+", help="time only these columns (fp32 is always kept)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,16 +148,21 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"avx512_bf16={torch.cpu._is_avx512_bf16_supported()}, vnni={torch.cpu._is_vnni_supported()}, "
-        f"threads {args.threads}, clock {args.clock}, rounds {args.rounds}"
+        f"threads {args.threads}, clock {args.clock}, rounds {args.rounds}, cold_mib {args.cold_mib}"
     )
     compiled, ctimes = (None, {}) if args.no_compile else compile_times(SHAPES, args.batches)
     header = None
     for n, k in SHAPES:
         for m in args.batches:
-            x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
-            fns = candidates(x, w, compiled)
-            if args.only:
-                fns = {k: f for k, f in fns.items() if k in {"fp32", "cpu_auto", *args.only}}
+            x = torch.randn(m, k)
+            copies = 1 if args.cold_mib == 0 else -(-args.cold_mib * 2**20 // (n * k * 4))
+            keep = {"fp32", "cpu_auto", *(args.only or [])}
+            per_copy = [candidates(x, torch.randn(n, k) * 0.05, compiled) for _ in range(copies)]
+            fns = {
+                name: cycling([c[name] for c in per_copy])
+                for name in per_copy[0]
+                if not args.only or name in keep
+            }
             res = median_us(fns, args.rounds, max(4, 64 // m), clock)
             if header is None:
                 header = list(res)
