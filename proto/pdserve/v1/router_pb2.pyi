@@ -135,15 +135,31 @@ class PoolStatus(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., ready_replicas: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "inflight_requests", "queued_prompt_tokens", "serving")
+    __slots__ = ("prefill", "decode", "inflight_requests", "queued_prompt_tokens", "serving", "scaling_decisions")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    SCALING_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     prefill: PoolStatus
     decode: PoolStatus
     inflight_requests: int
     queued_prompt_tokens: int
     serving: bool
-    def __init__(self, prefill: _Optional[_Union[PoolStatus, _Mapping]] = ..., decode: _Optional[_Union[PoolStatus, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+    scaling_decisions: _containers.RepeatedCompositeFieldContainer[ScalingDecision]
+    def __init__(self, prefill: _Optional[_Union[PoolStatus, _Mapping]] = ..., decode: _Optional[_Union[PoolStatus, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., serving: _Optional[bool] = ..., scaling_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ...) -> None: ...
+
+class ScalingDecision(_message.Message):
+    __slots__ = ("pool", "time", "from_replicas", "to_replicas", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    FROM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TO_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    time: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., time: _Optional[float] = ..., from_replicas: _Optional[int] = ..., to_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,4 +1,5 @@
 from pdserve.v1 import kv_pb2 as _kv_pb2
+from pdserve.v1 import router_pb2 as _router_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -104,7 +105,7 @@ class DecodeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReasonInternal, str]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("replica_id", "role", "address", "ready", "tp_size", "running", "queued", "queued_prompt_tokens", "kv_blocks_total", "kv_blocks_free", "kv_blocks_leased", "block_size", "kv_dtype", "quantization", "weight_bytes", "model_fingerprint", "prefix_hashes", "draining")
+    __slots__ = ("replica_id", "role", "address", "ready", "tp_size", "running", "queued", "queued_prompt_tokens", "kv_blocks_total", "kv_blocks_free", "kv_blocks_leased", "block_size", "kv_dtype", "quantization", "weight_bytes", "model_fingerprint", "prefix_hashes", "draining", "kv_pulls", "kv_pull_bytes", "kv_pull_seconds", "kv_pull_latency_bounds", "kv_pull_latency_counts")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[WorkerStatus.Role]
@@ -131,6 +132,11 @@ class WorkerStatus(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_PULLS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_LATENCY_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_LATENCY_COUNTS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     role: WorkerStatus.Role
     address: str
@@ -149,7 +155,12 @@ class WorkerStatus(_message.Message):
     model_fingerprint: str
     prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
     draining: bool
-    def __init__(self, replica_id: _Optional[str] = ..., role: _Optional[_Union[WorkerStatus.Role, str]] = ..., address: _Optional[str] = ..., ready: _Optional[bool] = ..., tp_size: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_pulls: int
+    kv_pull_bytes: int
+    kv_pull_seconds: float
+    kv_pull_latency_bounds: _containers.RepeatedScalarFieldContainer[float]
+    kv_pull_latency_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, replica_id: _Optional[str] = ..., role: _Optional[_Union[WorkerStatus.Role, str]] = ..., address: _Optional[str] = ..., ready: _Optional[bool] = ..., tp_size: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., draining: _Optional[bool] = ..., kv_pulls: _Optional[int] = ..., kv_pull_bytes: _Optional[int] = ..., kv_pull_seconds: _Optional[float] = ..., kv_pull_latency_bounds: _Optional[_Iterable[float]] = ..., kv_pull_latency_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatAck(_message.Message):
     __slots__ = ("known",)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from pdserve.v1 import router_pb2 as pdserve_dot_v1_dot_router__pb2
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -230,6 +231,11 @@ class RegistryStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerStatus.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
                 _registered_method=True)
+        self.ReportScaling = channel.unary_unary(
+                '/pdserve.v1.Registry/ReportScaling',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.ScalingDecision.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -242,12 +248,24 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportScaling(self, request, context):
+        """An autoscaling policy (running in the Serve controller) reports a decision for `pdserve status`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerStatus.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.SerializeToString,
+            ),
+            'ReportScaling': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportScaling,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.ScalingDecision.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.SerializeToString,
             ),
     }
@@ -278,6 +296,33 @@ class Registry:
             target,
             '/pdserve.v1.Registry/Heartbeat',
             pdserve_dot_v1_dot_worker__pb2.WorkerStatus.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportScaling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Registry/ReportScaling',
+            pdserve_dot_v1_dot_router__pb2.ScalingDecision.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
             options,
             channel_credentials,
