@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -123,8 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_logs() -> None:
+    """Keep the terminal for pdserve's own output: Ray, Serve and gRPC's C core log at WARNING+."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ray", "ray.serve", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_logs()
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
