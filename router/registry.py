@@ -9,16 +9,18 @@ what the replica last reported.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 
 Role = worker_pb2.WorkerStatus.Role
 PREFILL = worker_pb2.WorkerStatus.PREFILL
 DECODE = worker_pb2.WorkerStatus.DECODE
 SILENT_HEARTBEATS = 3
+MAX_SCALING_DECISIONS = 32  # kept for GetStatus, newest last
 
 
 class RejectedHeartbeat(ValueError):
@@ -64,6 +66,7 @@ class Registry:
         self.replicas: dict[str, Replica] = {}
         self.on_change: Callable[[], None] = lambda: None
         self.retired: list[grpc.aio.Channel] = []  # channels of forgotten replicas, to close
+        self.scaling: deque[router_pb2.ScalingDecision] = deque(maxlen=MAX_SCALING_DECISIONS)
 
     def heartbeat(self, status: worker_pb2.WorkerStatus) -> bool:
         """Records a heartbeat; True when the replica was already known."""
@@ -81,6 +84,12 @@ class Registry:
         if self._any_pickable() != before or known is None:
             self.on_change()
         return known is not None
+
+    def report_scaling(self, decision: router_pb2.ScalingDecision) -> None:
+        """An autoscaling policy's decision, shown by GetStatus (the latest MAX_SCALING_DECISIONS)."""
+        if decision.pool not in ("prefill", "decode"):
+            raise RejectedHeartbeat(grpc.StatusCode.INVALID_ARGUMENT, "pool: must be 'prefill' or 'decode'")
+        self.scaling.append(decision)
 
     def _check(self, status: worker_pb2.WorkerStatus) -> None:
         bad = grpc.StatusCode.INVALID_ARGUMENT

@@ -66,7 +66,8 @@ class RouterService:
 
 
 class RegistryService(worker_pb2_grpc.RegistryServicer):
-    """Registry.Heartbeat: workers announce themselves and their load."""
+    """Registry.Heartbeat: workers announce themselves and their load. Registry.ReportScaling:
+    autoscaling policies report decisions, which GetStatus shows."""
 
     def __init__(self, deps: FlowDeps) -> None:
         self.registry = deps.registry
@@ -79,3 +80,12 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
             await context.abort(e.code, str(e))
             raise  # unreachable: abort raises
         return worker_pb2.HeartbeatAck(known=known)
+
+    async def ReportScaling(self, request: router_pb2.ScalingDecision,  # noqa: N802 - gRPC method name
+                            context: grpc.aio.ServicerContext) -> worker_pb2.HeartbeatAck:
+        try:
+            self.registry.report_scaling(request)
+        except RejectedHeartbeat as e:
+            await context.abort(e.code, str(e))
+            raise
+        return worker_pb2.HeartbeatAck(known=True)

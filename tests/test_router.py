@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pdserve.v1 import router_pb2
+from pdserve.v1 import router_pb2, worker_pb2_grpc
 
 from router.client import build_request
 from router.prefix import hash_blocks
@@ -313,6 +313,16 @@ async def test_reflection_and_bad_heartbeat() -> None:
             await bad.beat_once()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "block_size" in (info.value.details() or "")
         assert c.router.registry.get("p-bad") is None
+        async with grpc.aio.insecure_channel(c.router.internal_address) as internal:
+            registry = worker_pb2_grpc.RegistryStub(internal)
+            decision = router_pb2.ScalingDecision(pool="decode", time=1.0, from_replicas=1, to_replicas=3,
+                                                  reason="KV use 0.9 > 0.7")
+            assert (await registry.ReportScaling(decision)).known
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await registry.ReportScaling(router_pb2.ScalingDecision(pool="both"))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = await c.stub.GetStatus(router_pb2.StatusRequest())
+        assert [d.reason for d in status.scaling_decisions] == ["KV use 0.9 > 0.7"]
     finally:
         await c.close()
 

@@ -245,8 +245,12 @@ def test_status_table_and_json() -> None:
             weight_bytes=3 * 2**20)], ready_replicas=1, kv_blocks_total=100, kv_blocks_free=40),
         serving=True,
     )
+    resp.decode.replicas.add(replica_id="d0", address="h:2", ready=True, kv_pulls=4, kv_pull_seconds=0.01,
+                             kv_pull_bytes=2**21)
+    resp.scaling_decisions.add(pool="prefill", time=0.0, from_replicas=1, to_replicas=2, reason="queue 5000 > 2048")
     table = format_status(resp)
     assert "p0" in table and "40/100" in table and "3.0MiB" in table and "serving: yes" in table
+    assert "4 (2.5ms, 2.0MiB)" in table and "prefill: 1 -> 2 replicas (queue 5000 > 2048)" in table
     data = status_json(resp)
     assert data["prefill"]["kv_blocks_total"] == 100 and data["serving"] is True
     assert json.loads(json.dumps(data))["prefill"]["replicas"][0]["replica_id"] == "p0"

@@ -85,7 +85,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "address", "ready", "running", "queued", "kv_blocks_total", "kv_blocks_free", "kv_blocks_leased", "quantization", "weight_bytes", "tp_size", "queued_prompt_tokens", "draining", "seconds_since_heartbeat")
+    __slots__ = ("replica_id", "address", "ready", "running", "queued", "kv_blocks_total", "kv_blocks_free", "kv_blocks_leased", "quantization", "weight_bytes", "tp_size", "queued_prompt_tokens", "draining", "seconds_since_heartbeat", "kv_pulls", "kv_pull_bytes", "kv_pull_seconds")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,9 @@ class ReplicaStatus(_message.Message):
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    KV_PULLS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     ready: bool
@@ -114,7 +117,10 @@ class ReplicaStatus(_message.Message):
     queued_prompt_tokens: int
     draining: bool
     seconds_since_heartbeat: float
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., ready: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., tp_size: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
+    kv_pulls: int
+    kv_pull_bytes: int
+    kv_pull_seconds: float
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., ready: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., tp_size: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., seconds_since_heartbeat: _Optional[float] = ..., kv_pulls: _Optional[int] = ..., kv_pull_bytes: _Optional[int] = ..., kv_pull_seconds: _Optional[float] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("replicas", "ready_replicas", "running", "queued", "kv_blocks_total", "kv_blocks_free", "kv_blocks_leased")
