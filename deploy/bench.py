@@ -1,0 +1,106 @@
+"""`pdserve bench`: load-test a running router (see deploy/benchmark/ for the parts).
+
+    pdserve bench --address 127.0.0.1:50051 --concurrency 1,4,16 --num-requests 64 --out out/
+    pdserve bench --address ... --request-rate 1,2,4 --dataset mixed --slo-ttft-ms 500 --slo-tpot-ms 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from deploy.benchmark.config import DATASETS, SLO, BenchConfig, DatasetConfig, Load
+from deploy.benchmark.plots import write_plots
+from deploy.benchmark.report import format_table, write_json
+from deploy.benchmark.runner import run_bench
+
+FALLBACK_VOCAB = 256
+
+
+def _numbers(text: str, kind: type) -> list:  # type: ignore[type-arg]
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default="127.0.0.1:50051", help="router host:port")
+    p.add_argument("--concurrency", default=None,
+                   help="requests in flight (comma list = one run each); with --request-rate: a cap")
+    p.add_argument("--request-rate", default=None,
+                   help="Poisson arrivals in req/s (comma list = one run each; inf = all at once)")
+    p.add_argument("--num-requests", type=int, default=100, help="requests per run")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent (and not recorded) first")
+    p.add_argument("--dataset", choices=DATASETS, default="uniform")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (mixed: the long prompts)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens (mixed: the long answers)")
+    p.add_argument("--short-len", type=int, default=8, help="mixed: short prompts / short answers")
+    p.add_argument("--range-ratio", type=float, default=0.5, help="uniform/mixed: lengths len*(1 +- r)")
+    p.add_argument("--long-fraction", type=float, default=0.5, help="mixed: share of long prompts")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="prompt ids are drawn below this (default: from GetStatus, else 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--root-ca", default=None, help="PEM CA file: use TLS")
+    p.add_argument("--out", default=None, help="directory for result.json and the PNG plots")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _loads(args: argparse.Namespace) -> tuple[Load, ...]:
+    rates = _numbers(args.request_rate, float) if args.request_rate else []
+    caps = _numbers(args.concurrency, int) if args.concurrency else []
+    if rates:
+        if len(caps) > 1:
+            raise ValueError("--concurrency takes one value (a cap) when --request-rate is set")
+        return tuple(Load(rate, caps[0] if caps else None) for rate in rates)
+    return tuple(Load(math.inf, c) for c in caps or [1])
+
+
+def _vocab(address: str, given: int | None, api_key: str | None) -> int:
+    """--vocab, else StatusResponse.vocab_size when the router reports one, else FALLBACK_VOCAB."""
+    if given is not None:
+        return given
+    from router.client import Endpoint, get_status
+
+    status = get_status(Endpoint(address, api_key))
+    vocab = int(getattr(status, "vocab_size", 0) or 0)
+    if vocab <= 0:
+        print(f"[bench] the router does not report its vocabulary: prompt ids < {FALLBACK_VOCAB} "
+              "(set --vocab)", file=sys.stderr)
+        return FALLBACK_VOCAB
+    return vocab
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    dataset = DatasetConfig(
+        kind=args.dataset, input_len=args.input_len, output_len=args.output_len,
+        short_len=args.short_len, range_ratio=args.range_ratio, long_fraction=args.long_fraction,
+        vocab_size=_vocab(args.address, args.vocab, args.api_key), seed=args.seed,
+    )
+    return BenchConfig(
+        address=args.address, loads=_loads(args), dataset=dataset, num_requests=args.num_requests,
+        warmup=args.warmup, slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms), timeout_s=args.timeout,
+        api_key=args.api_key, root_ca=args.root_ca, seed=args.seed, progress=not args.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`pdserve bench ARGS` -> main(ARGS). A leading "--" is dropped (`pdserve bench -- --address ...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    cfg = config_from_args(args)
+    results = asyncio.run(run_bench(cfg))
+    print(format_table(results))
+    if args.out:
+        out = Path(args.out)
+        written = [write_json(out / "result.json", cfg, results), *write_plots(results, out)]
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0 if all(r.stats.failed == 0 for r in results) else 1
