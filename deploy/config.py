@@ -88,6 +88,9 @@ class RouterConfig:
     api_keys: tuple[str, ...] = opt((), "accepted `authorization: Bearer <key>` values; "
                                     "empty = no auth")
     tls: TLSConfig = section(TLSConfig, "TLS for the public port (all null = plaintext)")
+    metrics_port: int | None = opt(None, "Prometheus `/metrics` over HTTP on `host` (TTFT/TPOT/ITL "
+                                   "histograms, queues, KV use, KV transfers; 0 = pick a free "
+                                   "port); null = off", ge=0, le=65535)
 
 
 @dataclass(frozen=True, slots=True)
