@@ -43,9 +43,8 @@ KERNEL_ENV = "PDSERVE_INT8_KERNEL"
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
     method: QuantMethod = "none"
-    int8_kernel: str = (
-        "auto"  # auto | dequant | bf16 | int8pack | cpu_auto | w8a8 (not weight-only)
-    )
+    # auto | dequant | bf16 | int8pack | cpu_auto | w8a8 (w8a8 also quantizes activations)
+    int8_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
