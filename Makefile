@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pdserve-installed
 
-.PHONY: demo test lint proto clean
+.PHONY: demo test test-slow lint proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,10 @@ demo: $(STAMP)
 	$(VENV)/bin/pdserve demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
