@@ -19,8 +19,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -ra -m slow tests
+test-slow: $(STAMP)  # pytest exits 5 when no test is marked slow: that is a pass here
+	$(PY) -m pytest -q -ra -m slow tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
