@@ -115,7 +115,7 @@ def null_cluster() -> Iterator[NullCluster]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    cluster = asyncio.run_coroutine_threadsafe(start_null_cluster(tokens_per_message=3), loop).result(30)
+    cluster = asyncio.run_coroutine_threadsafe(start_null_cluster(decode=3), loop).result(30)
     try:
         yield cluster
     finally:
