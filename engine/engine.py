@@ -8,6 +8,8 @@ Request lifecycles:
     token already ended the request ("stop" / "length").
   * decode role: ``add_prefilled`` reserves blocks for the prompt's KV (written by a pull), then
     ``resume`` joins the running batch with the prefill's first token as output so far.
+  * colocated (both roles on one engine): a held request is ``adopt``-ed: its blocks become the
+    decode request's blocks (no copy, no pull) and it joins the running batch.
   * ``abort`` works in any state and frees every block.
 """
 
@@ -188,6 +190,22 @@ class LLMEngine:
             self._finish(req, reason)
             self._pending.append(StepOutput(request_id, [], [], reason))
 
+    def adopt(self, request_id: str, params: SamplingParams) -> None:
+        """Colocated decode: a HELD request (hold_kv, after its first token) becomes a running decode
+        request on the same blocks, with the decode's sampling params (a fresh seeded generator,
+        as a decode replica that pulled the KV would have). Raises KeyError / ValueError."""
+        req = self._get(request_id)
+        if req.status != RequestStatus.HELD:
+            raise ValueError(f"request {request_id!r} is {req.status.value}, not held after prefill")
+        self._validate_prompt(req.prompt_token_ids, params.max_tokens)
+        req.params, req.generator = params, self._generator(params)
+        req.hold_kv, req.finish_reason = False, None
+        self.scheduler.resume(req)
+        reason = self._stop_reason(req, req.output_token_ids[-1])
+        if reason is not None:
+            self._finish(req, reason)
+            self._pending.append(StepOutput(request_id, [], [], reason))
+
     def abort(self, request_id: str) -> None:
         """Drop a request in any state and free its blocks; unknown ids are ignored."""
         req = self.requests.pop(request_id, None)
@@ -254,14 +272,17 @@ class LLMEngine:
     def _new_request(
         self, request_id: str, prompt: list[int], params: SamplingParams, hold_kv: bool = False
     ) -> Request:
-        self._validate(request_id, prompt, 1 if hold_kv else params.max_tokens)
-        gen = torch.Generator(device=self.kv.device)
-        gen.manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
-        return Request(request_id, list(prompt), params, gen)
-
-    def _validate(self, request_id: str, prompt: list[int], max_new_tokens: int) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt, 1 if hold_kv else params.max_tokens)
+        return Request(request_id, list(prompt), params, self._generator(params))
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        gen = torch.Generator(device=self.kv.device)
+        gen.manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
+        return gen
+
+    def _validate_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
         if not prompt:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
