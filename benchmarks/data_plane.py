@@ -82,7 +82,7 @@ def start_serve(streams: int) -> Any:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
-    return serve.run(TokenStream.bind(), name="data-plane-bench", route_prefix=None)
+    return serve.run(TokenStream.bind(), name="data-plane-bench", route_prefix=None)  # type: ignore[attr-defined]
 
 
 def stop_serve() -> None:
