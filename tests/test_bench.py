@@ -11,8 +11,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from pdserve.v1 import router_pb2_grpc
 
 from deploy import cli
 from deploy.bench import _loads, build_parser
@@ -21,6 +23,7 @@ from deploy.benchmark.config import SLO, DatasetConfig, Load
 from deploy.benchmark.dataset import make_requests
 from deploy.benchmark.null_cluster import NullCluster, start_null_cluster
 from deploy.benchmark.stats import RequestRecord, meets_slo, percentile, summarize
+from router.client import build_request
 
 
 def test_percentile_matches_numpy_linear() -> None:
@@ -171,3 +174,26 @@ def test_bench_cli_against_a_router_with_null_workers(null_cluster: NullCluster,
         assert {r["kind"] for r in run["requests"]} == {"long_prompt", "long_answer"}
     check_png(out / "latency_cdf.png")
     check_png(out / "goodput_vs_rate.png")
+
+
+def test_null_engine_streams_through_the_real_decode_service() -> None:
+    """The "engine" null decode (data-plane benchmark): exact token counts through the real router,
+    tokens merged into fewer messages than tokens when they pile up."""
+    async def go() -> list[list[int]]:
+        cluster = await start_null_cluster(decode="engine")
+        try:
+            async with grpc.aio.insecure_channel(cluster.address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+
+                async def one(n: int) -> list[int]:
+                    request = build_request([5, 6], max_tokens=n, ignore_eos=True)
+                    return [len(m.token_ids) async for m in stub.Generate(request, timeout=30)]
+
+                return await asyncio.gather(*(one(n) for n in (1, 2, 500, 500)))
+        finally:
+            await cluster.stop()
+
+    sizes = asyncio.run(go())
+    assert [sum(s) for s in sizes] == [1, 2, 500, 500]
+    assert sizes[0] == [1] and sizes[1] == [1, 1]
+    assert len(sizes[2]) < 500  # merged per step batches
