@@ -104,3 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = [write_json(out / "result.json", cfg, results), *write_plots(results, out)]
         print("wrote " + ", ".join(str(p) for p in written))
     return 0 if all(r.stats.failed == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
