@@ -31,6 +31,7 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
         max_queued_prompt_tokens=r.max_queued_prompt_tokens,
         default_max_tokens=r.default_max_tokens, heartbeat_seconds=r.heartbeat_seconds,
         api_keys=tuple(r.api_keys), tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
+        migration=r.migration,
     )
 
 

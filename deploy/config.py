@@ -91,6 +91,9 @@ class RouterConfig:
     metrics_port: int | None = opt(None, "Prometheus `/metrics` over HTTP on `host` (TTFT/TPOT/ITL "
                                    "histograms, queues, KV use, KV transfers; 0 = pick a free "
                                    "port); null = off", ge=0, le=65535)
+    migration: bool = opt(True, "a decode replica that dies mid-stream: prefill the prompt + the "
+                          "tokens already sent again and continue on another replica (false = "
+                          "the request ends UNAVAILABLE)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ class RouterConfig:
     affinity_max_imbalance_tokens: int = 2048  # prefix affinity yields to load beyond this gap
     affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
     worker_retries: int = 2          # extra attempts on other replicas (UNAVAILABLE / RESOURCE_EXHAUSTED)
+    migration: bool = True           # a decode replica that dies mid-stream: continue on another one
     release_timeout_seconds: float = 2.0  # ReleaseKV calls after cancel/early finish
     api_keys: tuple[str, ...] = ()   # accepted `authorization: Bearer <key>`; empty = no auth
     tls_cert: str | None = None      # PEM certificate chain file: TLS on the public port
