@@ -10,6 +10,8 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -18,6 +20,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.server import DecodeService
 from engine.async_engine import AsyncEngine
+from engine.cpus import pin_process
 from engine.engine import EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
@@ -25,24 +28,50 @@ from kv_transfer import make_puller
 from kv_transfer.base import KVPuller
 from kv_transfer.handle import KVHandle
 
+PULL_LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(slots=True)
+class PullStats:
+    """KV pulls done by this replica (cumulative), reported in every heartbeat for Prometheus."""
+
+    pulls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    counts: list[int] = field(default_factory=lambda: [0] * (len(PULL_LATENCY_BOUNDS) + 1))
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        self.pulls += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+        self.counts[next((i for i, b in enumerate(PULL_LATENCY_BOUNDS) if seconds <= b), -1)] += 1
+
+    def fill(self, st: worker_pb2.WorkerStatus) -> None:
+        st.kv_pulls, st.kv_pull_bytes, st.kv_pull_seconds = self.pulls, self.bytes, self.seconds
+        st.kv_pull_latency_bounds.extend(PULL_LATENCY_BOUNDS)
+        st.kv_pull_latency_counts.extend(self.counts)
+
 
 class DecodeReplica:
     def __init__(self, cfg: DecodeWorkerConfig) -> None:
         if cfg.tensor_parallel_size != 1:
             raise ValueError("decode.tensor_parallel_size > 1 is not supported by the decode replica yet")
+        pin_process(cfg.cpu_affinity)
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.engine: AsyncEngine | None = None
         self.puller: KVPuller | None = None
         self.server: grpc.aio.Server | None = None
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.service: DecodeService | None = None
+        self.pulls = PullStats()
         self.address = ""
 
     async def start(self) -> str:
         llm = await asyncio.to_thread(self._build_engine)
         self.engine = AsyncEngine(llm, asyncio.get_running_loop())
         self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads)
-        service = DecodeService(
+        self.service = service = DecodeService(
             self.engine, self._pull, self._release, self.cfg.transfer_timeout_seconds,
             self.cfg.admission_wait_seconds,
         )
@@ -67,8 +96,11 @@ class DecodeReplica:
         return LLMEngine(config, None, CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks))
 
     async def _pull(self, handle: KVHandle, blocks: list[int], timeout: float) -> None:
-        assert self.puller is not None
+        assert self.puller is not None and self.engine is not None
+        start = time.perf_counter()
         await self.puller.pull(handle, blocks, timeout)
+        block_bytes = self.engine.engine.kv[0].nbytes  # one block: all layers, K and V
+        self.pulls.observe(time.perf_counter() - start, len(blocks) * block_bytes)
 
     async def _release(self, prefill_address: str, request_id: str) -> None:
         """Tells the prefill replica to free its lease; failures only shorten nothing (the lease expires)."""
@@ -95,6 +127,7 @@ class DecodeReplica:
             st.running, st.queued = llm.num_running, llm.num_waiting
             st.kv_blocks_total, st.kv_blocks_free = llm.num_total_blocks, llm.num_free_blocks
             st.weight_bytes = weight_bytes(llm.model)
+        self.pulls.fill(st)
         return st
 
     async def stop(self) -> None:

@@ -1,9 +1,12 @@
-"""Bring a whole pdserve deployment up and down: Ray, the router, both pools.
+"""A running pdserve deployment: the router (in this process) and the two pools on Ray Serve.
 
     cluster = Cluster(cfg); address = await cluster.start(); ...; await cluster.stop()
 
-Order: the router starts first (the pools need its registry address), then Serve deploys the prefill
-and decode applications, then `start()` waits until the router reports SERVING (both pools ready).
+Order: the router starts first (the pools need its registry address), then the Prometheus endpoint
+(when `router.metrics_port` is set), then Serve deploys the prefill and decode applications, then
+`start()` waits until the router reports SERVING (both pools ready). While running, the Cluster
+watches Ray's key-value store for `pdserve apply` requests (deploy/apply.py) and applies them with
+`await cluster.apply(new_cfg)`.
 """
 
 from __future__ import annotations
@@ -12,14 +15,26 @@ import asyncio
 import logging
 import time
 
-from deploy.config import DeployConfig, check_against_model
-from deploy.serve_app import DECODE_APP, PREFILL_APP, build_decode_app, build_prefill_app
+from deploy.apply import ApplyPlan, kv_get, kv_put, plan_apply, request_key, result_key
+from deploy.config import (
+    ConfigError,
+    DeployConfig,
+    Issue,
+    check_against_model,
+    diff_configs,
+    parse_config,
+)
+from deploy.metrics import Metrics
+from deploy.colocated_app import decode_pool_app
+from deploy.serve_app import DECODE_APP, PREFILL_APP, build_prefill_app
+from engine.config import ModelConfig
 from engine.config import load_config as load_model_config
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.server import RouterServer
 
 log = logging.getLogger(__name__)
+APPLY_POLL_SECONDS = 0.5
 
 
 def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> RouterConfig:
@@ -30,27 +45,48 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
         internal_host=r.internal_host, max_inflight=r.max_inflight,
         max_queued_prompt_tokens=r.max_queued_prompt_tokens,
         default_max_tokens=r.default_max_tokens, heartbeat_seconds=r.heartbeat_seconds,
-        api_keys=tuple(r.api_keys), tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
-        migration=r.migration,
+        api_keys=r.api_keys, tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
+        migration=r.migration, local_prefill_max_tokens=(
+            cfg.decode.local_prefill_max_tokens if cfg.serving_mode == "disaggregated" else 0),
     )
 
 
 class Cluster:
     def __init__(self, cfg: DeployConfig) -> None:
-        model = load_model_config(cfg.model.path)
-        self.cfg = check_against_model(cfg, model.num_kv_heads, model.max_position_embeddings)
+        self.model: ModelConfig = load_model_config(cfg.model.path)
+        self.cfg = self._checked(cfg)
         self.tokenizer = Tokenizer.from_model_dir(cfg.model.path)
-        self.router = RouterServer(router_config(self.cfg, model.vocab_size, model.eos_token_ids), self.tokenizer)
+        self.metrics = Metrics() if cfg.router.metrics_port is not None else None
+        self.router = RouterServer(self._router_config(self.cfg), self.tokenizer,
+                                   self.metrics.observer if self.metrics else None)
         self._started_ray = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._apply_lock = asyncio.Lock()
+
+    def _checked(self, cfg: DeployConfig) -> DeployConfig:
+        return check_against_model(cfg, self.model.num_kv_heads, self.model.max_position_embeddings)
+
+    def _router_config(self, cfg: DeployConfig) -> RouterConfig:
+        return router_config(cfg, self.model.vocab_size, self.model.eos_token_ids)
 
     @property
     def address(self) -> str:
         return self.router.address
 
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.cfg.router.host}:{self.metrics.port}" if self.metrics else ""
+
     async def start(self, timeout: float = 300.0) -> str:
         await self.router.start()
+        if self.metrics is not None:
+            self.metrics.attach(self.router.registry, self.router.deps.admission, asyncio.get_running_loop())
+            await self.metrics.start(self.cfg.router.host, int(self.cfg.router.metrics_port or 0))
         await asyncio.to_thread(self._deploy)
         await self.wait_serving(timeout)
+        seen = await asyncio.to_thread(kv_get, request_key(self.cfg.ray.namespace))
+        seen_id = str(seen["id"]) if seen else None  # a request older than this cluster is not ours
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_applies(seen_id))
         return self.router.address
 
     def _deploy(self) -> None:
@@ -61,9 +97,17 @@ class Cluster:
             ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace, log_to_driver=False)
             self._started_ray = self.cfg.ray.address is None
         serve.start(proxy_location="Disabled")
+        self._run_apps(self.cfg, ("prefill", "decode"), initial=True)
+
+    def _run_apps(self, cfg: DeployConfig, pools: tuple[str, ...], initial: bool) -> None:
+        """serve.run each pool's application (blocks until its replicas are up)."""
+        from ray import serve
+
         registry = self.router.internal_address
-        serve.run(build_prefill_app(self.cfg, registry), name=PREFILL_APP, route_prefix=None)
-        serve.run(build_decode_app(self.cfg, registry), name=DECODE_APP, route_prefix=None)
+        if "prefill" in pools and cfg.serving_mode == "disaggregated":  # colocated: no prefill pool
+            serve.run(build_prefill_app(cfg, registry, initial), name=PREFILL_APP, route_prefix=None)
+        if "decode" in pools:
+            serve.run(decode_pool_app(cfg, registry, initial), name=DECODE_APP, route_prefix=None)
 
     async def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -74,9 +118,58 @@ class Cluster:
                 raise TimeoutError(f"pools not ready after {timeout:.0f}s")
             await asyncio.sleep(0.2)
 
+    async def apply(self, new: DeployConfig, source: str = "apply") -> ApplyPlan:
+        """Changes the running deployment to `new` (see deploy/apply.py for what changes live).
+        Raises ConfigError, changing nothing, when `new` needs a restart of `pdserve up`."""
+        async with self._apply_lock:
+            new = self._checked(new)
+            plan = plan_apply(diff_configs(self.cfg, new))
+            if plan.refused:
+                raise ConfigError(source, [Issue(k, "cannot change on a running deployment; restart "
+                                                 "`pdserve up` with the new file") for k in plan.refused])
+            if plan.router:
+                self.router.reconfigure(self._router_config(new))
+            if plan.pools:
+                await asyncio.to_thread(self._run_apps, new, plan.pools, False)
+            self.cfg = new
+            log.info("applied %s: %s", source, ", ".join(plan.changed) or "no change")
+            return plan
+
+    async def _watch_applies(self, seen: str | None) -> None:
+        key = request_key(self.cfg.ray.namespace)
+        while True:
+            await asyncio.sleep(APPLY_POLL_SECONDS)
+            try:
+                request = await asyncio.to_thread(kv_get, key)
+            except Exception as exc:  # noqa: BLE001 - Ray gone: keep serving, stop watching
+                log.warning("apply watcher stopped: %s", exc)
+                return
+            if request is None or request.get("id") == seen:
+                continue
+            seen = request.get("id")
+            result = await self._answer(request)
+            await asyncio.to_thread(kv_put, result_key(self.cfg.ray.namespace), result)
+
+    async def _answer(self, request: dict[str, object]) -> dict[str, object]:
+        source = str(request.get("source", "apply"))
+        try:
+            new = parse_config(request.get("config"), source)
+            plan = await self.apply(new, source)
+        except ConfigError as exc:
+            return {"id": request.get("id"), "ok": False, "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - report, keep serving
+            log.exception("apply %s failed", source)
+            return {"id": request.get("id"), "ok": False, "message": f"{source}: apply failed: {exc}"}
+        return {"id": request.get("id"), "ok": True, "message": _describe(source, plan)}
+
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.to_thread(self._undeploy)
         await self.router.stop(grace=1.0)
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def _undeploy(self) -> None:
         import ray
@@ -92,3 +185,15 @@ class Cluster:
         if self._started_ray:
             serve.shutdown()
             ray.shutdown()
+
+
+def _describe(source: str, plan: ApplyPlan) -> str:
+    if not plan.changed:
+        return f"{source}: no change"
+    parts = [f"{source}: changed {', '.join(plan.changed)}"]
+    if plan.router:
+        parts.append("router limits updated in place")
+    if plan.pools:
+        parts.append(f"re-deployed {' and '.join(plan.pools)} (replicas kept unless their "
+                     "resources or layout changed)")
+    return "; ".join(parts)

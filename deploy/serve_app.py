@@ -4,12 +4,29 @@ Serve owns placement (a prefill replica's TP ranks are the bundles of its placem
 checks, restarts, graceful drain and per-pool replica counts. Requests never cross Serve: each replica
 runs its own gRPC service and announces it to the router's registry with a protobuf heartbeat, so the
 data path is direct and pickle-free.
+
+A replica's life:
+  1. `__init__`: start the worker, heartbeat to the router (the router starts picking it).
+  2. `reconfigure(user_config)`: live settings (KV lease, transfer timeout); Serve calls it after
+     `__init__` and on every `pdserve apply` that changes them, without a restart.
+  3. `record_autoscaling_stats()`: the load the pool's policy scales on (deploy/autoscale.py).
+  4. `__del__` (scale-down, redeploy, shutdown): report `draining` at once (the router stops
+     picking it), let calls already routed here arrive, wait until every call is answered and every
+     KV block is free (bounded by the drain timeout), then stop.
+
+Deployments carry an explicit version: a hash of what needs a restart (the worker config minus the
+live settings, Ray resources). Re-deploying with the same version only updates replica counts,
+autoscaling and `user_config`, so `pdserve apply` of such changes restarts nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +36,7 @@ from ray import serve
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
+from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_config
 from deploy.config import DeployConfig, ResourcesConfig
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
@@ -26,12 +44,15 @@ from prefill_worker.replica import PrefillReplica
 log = logging.getLogger(__name__)
 
 PREFILL_APP, DECODE_APP = "pdserve-prefill", "pdserve-decode"
+DRAIN_HEARTBEATS = 2  # after announcing `draining`, calls the router already sent may still arrive
+DECODE_DRAIN_SECONDS = 120.0  # a leaving decode replica gets this long to finish its generations
+DRAIN_MARGIN_SECONDS = 2.0  # of Serve's graceful_shutdown_timeout_s, kept for stopping
 
 
-async def heartbeat_loop(
-    registry_address: str, status: Callable[[], worker_pb2.WorkerStatus], period: float
-) -> None:
-    """Reports this replica to the router every `period` seconds, forever (cancel to stop)."""
+async def heartbeat_loop(registry_address: str, status: Callable[[], worker_pb2.WorkerStatus],
+                         period: float, wake: asyncio.Event) -> None:
+    """Reports this replica to the router every `period` seconds (or at once when `wake` is set),
+    forever (cancel to stop)."""
     async with grpc.aio.insecure_channel(registry_address) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
         while True:
@@ -39,20 +60,33 @@ async def heartbeat_loop(
                 await stub.Heartbeat(status(), timeout=max(1.0, 2 * period))
             except grpc.aio.AioRpcError as exc:
                 log.debug("heartbeat to %s failed: %s", registry_address, exc.code())
-            await asyncio.sleep(period)
+            try:
+                await asyncio.wait_for(wake.wait(), period)
+            except TimeoutError:
+                pass
+            wake.clear()
 
 
 class _PoolReplica:
-    """Shared body of both deployments: start the worker, heartbeat, stop cleanly."""
+    """Shared body of both deployments: start the worker, heartbeat, drain and stop cleanly."""
 
     replica: PrefillReplica | DecodeReplica
+    drain_seconds: float
 
     async def _begin(self, registry: str, period: float) -> None:
+        self.draining = False
+        self.period = period
+        self._wake = asyncio.Event()
         await self.replica.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._beat = asyncio.get_running_loop().create_task(
-            heartbeat_loop(registry, lambda: self.replica.status(self.replica_id), period)
+            heartbeat_loop(registry, self._status, period, self._wake)
         )
+
+    def _status(self) -> worker_pb2.WorkerStatus:
+        st = self.replica.status(self.replica_id)
+        st.draining = self.draining
+        return st
 
     async def check_health(self) -> None:
         engine = self.replica.engine
@@ -62,31 +96,83 @@ class _PoolReplica:
     def address(self) -> str:
         return self.replica.address
 
+    def idle(self) -> bool:
+        raise NotImplementedError
+
+    async def drain(self) -> bool:
+        """Stop taking work, finish what runs; True when idle before the drain timeout."""
+        self.draining = True
+        self._wake.set()
+        await asyncio.sleep(DRAIN_HEARTBEATS * self.period)
+        deadline = time.monotonic() + self.drain_seconds
+        while not self.idle():
+            if time.monotonic() > deadline:
+                log.warning("replica %s: drain timed out with work left", self.replica_id)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def __del__(self) -> None:
+        await self.drain()
         self._beat.cancel()
         await self.replica.stop()
 
 
-@serve.deployment(health_check_period_s=2, graceful_shutdown_timeout_s=10)
-class PrefillDeployment(_PoolReplica):
-    replica: PrefillReplica
-
+class PrefillReplicaActor(_PoolReplica):
     async def __init__(self, cfg: PrefillWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
-        self.replica = PrefillReplica(cfg)
+        self.replica = self.prefill = PrefillReplica(cfg)
+        self.drain_seconds = cfg.lease_seconds
         await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
+
+    def reconfigure(self, live: dict[str, float]) -> None:
+        """Live settings: `lease_seconds` (KV kept for the pull)."""
+        self.drain_seconds = live["lease_seconds"]
+        if self.prefill.service is not None:
+            self.prefill.service.lease_seconds = live["lease_seconds"]
+
+    def lease_seconds(self) -> float:
+        return self.prefill.service.lease_seconds if self.prefill.service else 0.0
+
+    def idle(self) -> bool:
+        service = self.prefill.service
+        return service is None or (service.queued_prompt_tokens == 0 and not service.leases)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        service = self.prefill.service
+        return prefill_stats(service.queued_prompt_tokens if service else 0)
 
     def fail_next_pulls(self, n: int) -> None:
         """Fault injection for tests and drills: the next n KV pulls from rank 0 fail."""
-        self.replica.sources[0].fail_next_pulls(n)
+        self.prefill.sources[0].fail_next_pulls(n)
 
 
-@serve.deployment(health_check_period_s=2, graceful_shutdown_timeout_s=10)
-class DecodeDeployment(_PoolReplica):
-    replica: DecodeReplica
-
+class DecodeReplicaActor(_PoolReplica):
     async def __init__(self, cfg: DecodeWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
-        self.replica = DecodeReplica(cfg)
+        self.replica = self.decode = DecodeReplica(cfg)
+        self.drain_seconds = DECODE_DRAIN_SECONDS
+        self.max_num_seqs = cfg.max_num_seqs
         await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
+
+    def reconfigure(self, live: dict[str, float]) -> None:
+        """Live settings: `transfer_timeout_seconds` (decode gives up on a pull after it)."""
+        if self.decode.service is not None:
+            self.decode.service.transfer_timeout = live["transfer_timeout_seconds"]
+
+    def idle(self) -> bool:
+        return self.decode.service is None or not self.decode.service.active
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        engine, service = self.decode.engine, self.decode.service
+        if engine is None or service is None:
+            return decode_stats(0, 0, 0, self.max_num_seqs)
+        llm = engine.engine
+        used = llm.num_total_blocks - llm.num_free_blocks
+        return decode_stats(used, llm.num_total_blocks, len(service.active), self.max_num_seqs)
+
+
+# The Serve deployments (typed as Any: Serve's decorator returns a Deployment, which mypy cannot see).
+PrefillDeployment: Any = serve.deployment(name="PrefillDeployment", health_check_period_s=2)(PrefillReplicaActor)
+DecodeDeployment: Any = serve.deployment(name="DecodeDeployment", health_check_period_s=2)(DecodeReplicaActor)
 
 
 def _actor_options(res: ResourcesConfig) -> dict[str, Any]:
@@ -112,7 +198,7 @@ def prefill_worker_config(cfg: DeployConfig, registry: str) -> PrefillWorkerConf
         device=p.device, host=cfg.kv_transfer.host, registry_address=registry,
         heartbeat_seconds=cfg.router.heartbeat_seconds, lease_seconds=cfg.kv_transfer.lease_seconds,
         kv_backend=cfg.kv_transfer.backend, rank_num_cpus=p.resources.num_cpus,
-        rank_num_gpus=p.resources.num_gpus,
+        rank_num_gpus=p.resources.num_gpus, cpu_affinity=p.cpu_affinity,
     )
 
 
@@ -124,40 +210,56 @@ def decode_worker_config(cfg: DeployConfig, registry: str) -> DecodeWorkerConfig
         num_kv_blocks=d.num_kv_blocks, max_num_seqs=d.max_num_seqs, torch_threads=d.torch_threads,
         device=d.device, host=cfg.kv_transfer.host, registry_address=registry,
         heartbeat_seconds=cfg.router.heartbeat_seconds, kv_backend=cfg.kv_transfer.backend,
-        transfer_timeout_seconds=cfg.kv_transfer.timeout_seconds,
+        transfer_timeout_seconds=cfg.kv_transfer.timeout_seconds, cpu_affinity=d.cpu_affinity,
     )
 
 
-def _scaling(replicas: int, autoscaling: Any) -> dict[str, Any]:
+LIVE_PREFILL = ("lease_seconds",)
+LIVE_DECODE = ("transfer_timeout_seconds",)
+
+
+def version_of(worker: Any, live: tuple[str, ...], options: dict[str, Any]) -> str:
+    """What forces a restart: the worker config without its live fields, and the Ray options."""
+    fixed = dataclasses.replace(worker, **{name: 0.0 for name in live})
+    text = json.dumps([dataclasses.asdict(fixed), options], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _scaling(pool: str, replicas: int, autoscaling: Any, registry: str, cfg: DeployConfig,
+             initial: bool) -> dict[str, Any]:
     if autoscaling is None:
         return {"num_replicas": replicas}
-    return {
-        "num_replicas": None,
-        "autoscaling_config": {
-            "min_replicas": autoscaling.min_replicas,
-            "max_replicas": autoscaling.max_replicas,
-            "initial_replicas": replicas,
-            "upscale_delay_s": autoscaling.upscale_delay_s,
-            "downscale_delay_s": autoscaling.downscale_delay_s,
-        },
-    }
+    start = replicas if initial else None
+    return {"num_replicas": None, "autoscaling_config": serve_autoscaling_config(
+        pool, autoscaling, start, registry, cfg.router.heartbeat_seconds)}
 
 
-def build_prefill_app(cfg: DeployConfig, registry: str) -> serve.Application:
-    p = cfg.prefill
-    options: dict[str, Any] = {
-        "ray_actor_options": _actor_options(p.resources),
-        **_scaling(p.replicas, p.autoscaling),
-    }
+def build_prefill_app(cfg: DeployConfig, registry: str, initial: bool = True) -> serve.Application:
+    """initial=False: a live update (autoscaling keeps the current replica count)."""
+    p, worker = cfg.prefill, prefill_worker_config(cfg, registry)
+    options: dict[str, Any] = {"ray_actor_options": _actor_options(p.resources)}
     if p.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [_bundle(p.resources)] * p.tensor_parallel_size
         options["placement_group_strategy"] = "PACK"
-    deployment: Any = PrefillDeployment
-    return deployment.options(**options).bind(prefill_worker_config(cfg, registry))
+    version = version_of(worker, LIVE_PREFILL, options)
+    return PrefillDeployment.options(
+        **options, **_scaling("prefill", p.replicas, p.autoscaling, registry, cfg, initial),
+        user_config={"lease_seconds": cfg.kv_transfer.lease_seconds},
+        graceful_shutdown_timeout_s=cfg.kv_transfer.lease_seconds + DRAIN_MARGIN_SECONDS
+        + DRAIN_HEARTBEATS * cfg.router.heartbeat_seconds,
+        version=version, _internal=True,
+    ).bind(worker)
 
 
-def build_decode_app(cfg: DeployConfig, registry: str) -> serve.Application:
-    d = cfg.decode
-    options = {"ray_actor_options": _actor_options(d.resources), **_scaling(d.replicas, d.autoscaling)}
-    deployment: Any = DecodeDeployment
-    return deployment.options(**options).bind(decode_worker_config(cfg, registry))
+def build_decode_app(cfg: DeployConfig, registry: str, initial: bool = True) -> serve.Application:
+    """initial=False: a live update (autoscaling keeps the current replica count)."""
+    d, worker = cfg.decode, decode_worker_config(cfg, registry)
+    options: dict[str, Any] = {"ray_actor_options": _actor_options(d.resources)}
+    version = version_of(worker, LIVE_DECODE, options)
+    return DecodeDeployment.options(
+        **options, **_scaling("decode", d.replicas, d.autoscaling, registry, cfg, initial),
+        user_config={"transfer_timeout_seconds": cfg.kv_transfer.timeout_seconds},
+        graceful_shutdown_timeout_s=DECODE_DRAIN_SECONDS + DRAIN_MARGIN_SECONDS
+        + DRAIN_HEARTBEATS * cfg.router.heartbeat_seconds,
+        version=version, _internal=True,
+    ).bind(worker)

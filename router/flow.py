@@ -34,6 +34,7 @@ from pdserve.v1 import router_pb2, worker_pb2
 from router.admission import Admission, DuplicateRequest, Overloaded
 from router.config import RouterConfig
 from router.errors import RouterError, unavailable, worker_error
+from router.observe import RequestClock, RequestObserver
 from router.output import OutputState
 from router.picker import AffinityMemory, pick_decode, pick_prefill
 from router.prefix import hash_blocks
@@ -59,6 +60,7 @@ class FlowDeps:
     memory: AffinityMemory
     codec: TextCodec | None
     spawn: Callable[[Coroutine[Any, Any, None]], None]
+    observer: RequestObserver | None = None  # TTFT / ITL / TPOT (deploy/metrics.py)
 
 
 @dataclass(slots=True)
@@ -110,14 +112,15 @@ async def run_request(prep: Prepared, deps: FlowDeps, write: Write, remaining: R
         raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
     except DuplicateRequest as e:
         raise RouterError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
-    lease = Lease(request_id=prep.request_id)
+    lease, clock = Lease(request_id=prep.request_id), RequestClock(deps.observer)
     try:
         prefill_replica, first = await _prefill(prep, prep.prompt_ids, prep.sampling, deps, remaining, lease)
         ticket.prefill_done()
         sent = Sent(OutputState(prep, deps.codec, deps.config.eos_token_ids), write)
         await sent.emit([first.first_token], [first.first_logprob])
+        clock.first_token(prefill_replica.replica_id)
         if not sent.out.finished:
-            await _decode(prep, first, prefill_replica, sent, deps, remaining, lease)
+            await _decode(prep, first, prefill_replica, sent, deps, remaining, lease, clock)
     finally:
         ticket.close()
         _give_back(lease, deps)
@@ -218,7 +221,7 @@ def _decode_request(lease: Lease, prompt: Sequence[int], first: worker_pb2.Prefi
 
 
 async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_replica: Replica, sent: Sent,
-                  deps: FlowDeps, remaining: Remaining, lease: Lease) -> None:
+                  deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock) -> None:
     """Decode on the best replica. Before its first message, RESOURCE_EXHAUSTED moves the request to
     another replica with the same KV lease; a replica that dies is replaced by a migration."""
     cfg = deps.config
@@ -235,7 +238,7 @@ async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_rep
                 return
         blocks = _blocks_needed(len(request.prompt_token_ids), request.sampling.max_tokens, cfg.block_size)
         try:
-            await _stream_decode(replica, request, blocks, sent, deps, remaining, lease)
+            await _stream_decode(replica, request, blocks, sent, deps, remaining, lease, clock)
             return
         except Failed as f:
             failed.add(replica.replica_id)
@@ -266,7 +269,7 @@ async def _migrate(prep: Prepared, sent: Sent, deps: FlowDeps, remaining: Remain
 
 
 async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, blocks: int, sent: Sent,
-                         deps: FlowDeps, remaining: Remaining, lease: Lease) -> None:
+                         deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock) -> None:
     call = replica.decode.Decode(request, timeout=_timeout(remaining))
     replica.reserved_blocks += blocks
     replica.open_streams += 1
@@ -285,7 +288,9 @@ async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, bl
                 replica.reserved_blocks -= blocks
                 blocks = 0
             await sent.emit(response.token_ids, response.logprobs, response.finish_reason)
+            clock.tokens(replica.replica_id, len(response.token_ids))
             if sent.out.finished:
+                clock.finished(replica.replica_id)
                 return
         raise RouterError(grpc.StatusCode.INTERNAL,
                           f"decode replica {replica.replica_id}: stream ended without a finish reason")

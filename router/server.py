@@ -22,6 +22,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from router.admission import Admission
 from router.config import RouterConfig
 from router.flow import FlowDeps
+from router.observe import RequestObserver
 from router.picker import AffinityMemory
 from router.registry import Registry
 from router.security import server_credentials
@@ -40,14 +41,15 @@ RETIRE_GRACE_SECONDS = 60.0  # calls still running on a forgotten replica's chan
 class RouterServer:
     """`await start()` binds both servers (ports may be 0: read `port` / `internal_port` after)."""
 
-    def __init__(self, config: RouterConfig, tokenizer: TextCodec | None) -> None:
+    def __init__(self, config: RouterConfig, tokenizer: TextCodec | None,
+                 observer: RequestObserver | None = None) -> None:
         self.config = config
         self.registry = Registry(config.heartbeat_seconds, config.block_size)
         self._tasks: set[asyncio.Task[None]] = set()
         self.deps = FlowDeps(
             config=config, registry=self.registry,
             admission=Admission(config.max_inflight, config.max_queued_prompt_tokens),
-            memory=AffinityMemory(), codec=tokenizer, spawn=self._spawn,
+            memory=AffinityMemory(), codec=tokenizer, spawn=self._spawn, observer=observer,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -64,6 +66,14 @@ class RouterServer:
     @property
     def internal_address(self) -> str:
         return f"{self.config.internal_host}:{self.internal_port}"
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """Live change of the limits (admission, default max_tokens, API keys): requests read
+        them per call. Addresses, TLS and heartbeats need a restart and are not changed here."""
+        self.config = config
+        self.deps.admission.max_inflight = config.max_inflight
+        self.deps.admission.max_queued_prompt_tokens = config.max_queued_prompt_tokens
+        object.__setattr__(self.deps, "config", config)  # FlowDeps is frozen for the requests' sake
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
