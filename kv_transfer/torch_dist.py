@@ -44,7 +44,7 @@ class TorchDistConfig:
     port: int = 0  # source TCPStore port; 0 = ephemeral (the endpoint string has the real one)
     connect_timeout: float = 10.0  # store connect + process-group rendezvous, seconds
     io_timeout: float = 30.0  # source: one request's send/recv on a formed pair
-    poll: float = 0.05  # source: acceptor poll period; doorbell wait slice is 10x this
+    poll: float = 0.02  # source: longest pause between polls for new pairs / requests
 
 
 def _group(store: Any, rank: int, device: torch.device, timeout: float) -> Any:
@@ -162,16 +162,16 @@ class TorchDistSource(KVSource):
             pass
 
     def _doorbell(self, store: Any, key: str) -> bool:
-        """Waits for the puller's next request; False on bye or source close."""
-        while not self._stop.is_set():
-            try:
-                store.wait([key], timedelta(seconds=self.config.poll * 10))
-            except Exception:  # noqa: BLE001 - wait timed out: check stop and wait again
-                continue
-            value = store.get(key)
-            store.delete_key(key)
-            return bool(value == b"go")
-        return False
+        """Waits for the puller's next request; False on bye or source close. Polls with
+        `check` (a timed-out `wait` would log a warning each time), backing off to `poll`."""
+        pause = 1e-4
+        while not store.check([key]):
+            if self._stop.wait(pause):
+                return False
+            pause = min(2 * pause, self.config.poll)
+        value = store.get(key)
+        store.delete_key(key)
+        return bool(value == b"go")
 
     def _serve_one(self, pair: _Pair) -> bool:
         timeout = self.config.io_timeout

@@ -65,24 +65,31 @@ async def _within(deadline: float | None, aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, max(1e-3, deadline - time.monotonic()))
 
 
+FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
+
+
 async def send_message(ep: Any, data: bytes) -> None:
-    """Length-prefixed message: 8-byte little-endian length, then the bytes (if any)."""
-    await ep.send(np.array([len(data)], dtype="<u8"))
-    if data:
-        await ep.send(np.frombuffer(data, dtype=np.uint8))
+    """One control frame: a message of an 8-byte little-endian length and the first
+    FRAME - 8 bytes, then (only if longer) a second message with the rest."""
+    head = np.frombuffer(len(data).to_bytes(8, "little") + data[: FRAME - 8], dtype=np.uint8)
+    sends = [ep.send(head)]
+    if len(data) > FRAME - 8:
+        sends.append(ep.send(np.frombuffer(data[FRAME - 8 :], dtype=np.uint8)))
+    await asyncio.gather(*sends)
 
 
 async def recv_message(ep: Any, limit: int) -> bytes | None:
-    """Receives one length-prefixed message; None when it announces more than limit bytes."""
-    header = np.empty(1, dtype="<u8")
-    await ep.recv(header)
-    n = int(header[0])
+    """Receives one control frame; None when it announces more than limit bytes (rest unread)."""
+    head = np.empty(FRAME, dtype=np.uint8)
+    await ep.recv(head)
+    n = int.from_bytes(head[:8].tobytes(), "little")
     if n > limit:
         return None
-    body = np.empty(n, dtype=np.uint8)
-    if n:
-        await ep.recv(body)
-    return body.tobytes()
+    if n <= FRAME - 8:
+        return head[8 : 8 + n].tobytes()
+    rest = np.empty(n - (FRAME - 8), dtype=np.uint8)
+    await ep.recv(rest)
+    return head[8:].tobytes() + rest.tobytes()
 
 
 class UCXSource(KVSource):
@@ -100,13 +107,15 @@ class UCXSource(KVSource):
         return f"{host}:{self._listener.port}"
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        listener, self._listener = self._listener, None  # stops every _serve loop
         for ep in [*self._clients, *self._data_eps.values()]:
-            ep.abort()
-        self._clients.clear()
+            ep.abort()  # cancels their pending receives
         self._data_eps.clear()
+        deadline = time.monotonic() + 1.0
+        while self._clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # let the handlers return before the listener goes
+        if listener is not None:
+            listener.close()
         with self._lock:
             self._leases.clear()
 
@@ -124,13 +133,17 @@ class UCXSource(KVSource):
             ep.abort()
 
     async def _serve_one(self, ep: Any) -> bool:
-        data = await recv_message(ep, MAX_REQUEST_BYTES)
-        if data is None:  # oversized: refuse, and drop the connection (its body is unread)
+        try:
+            data = await recv_message(ep, MAX_REQUEST_BYTES)
+        except ucxx.exceptions.UCXMessageTruncatedError:
+            data = None
+        if data is None:  # oversized: refuse, then drop the connection (the rest is unread)
             await send_message(ep, refuse("request too large").response.SerializeToString())
             return False
         answer = self.answer(data)
-        await send_message(ep, answer.response.SerializeToString())
+        reply = send_message(ep, answer.response.SerializeToString())
         if not answer.response.ok or answer.request is None:
+            await reply
             return True
         req = answer.request
         target = await self._data_ep(req.reply_address) if req.reply_address else ep
@@ -139,7 +152,7 @@ class UCXSource(KVSource):
             for i, t in enumerate(answer.tensors)
         ]
         try:
-            await asyncio.wait_for(asyncio.gather(*sends), self.config.send_timeout)
+            await asyncio.wait_for(asyncio.gather(reply, *sends), self.config.send_timeout)
         except BaseException:
             self._drop_data_ep(req.reply_address)
             raise
@@ -168,6 +181,7 @@ class UCXPuller(KVPuller):
         self._eps: dict[str, Any] = {}  # source endpoint -> control endpoint
         self._locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._address: bytes | None = None  # this process's UCX worker address
 
     async def close(self) -> None:
         for endpoint in list(self._eps):
@@ -201,24 +215,39 @@ class UCXPuller(KVPuller):
         dst_heads: tuple[int, int],
         deadline: float,
     ) -> None:
+        """Posts the response and payload receives, then sends the request: one round trip.
+        On any failure the caller aborts ep, which cancels the receives posted into kv."""
         request.tag = secrets.randbits(63)
         if self.config.shared_memory:
-            request.reply_address = ucxx.get_worker_address().tobytes()
-        await _within(deadline, send_message(ep, request.SerializeToString()))
-        data = await _within(deadline, recv_message(ep, MAX_REQUEST_BYTES))
-        response = kv_pb2.PullResponse.FromString(data or b"")
-        if not response.ok:
-            raise TransferError(f"source {endpoint} refused: {response.error}")
-        self._set_state(request.request_id, TransferState.TRANSFERRING)
+            request.reply_address = self._worker_address()
         landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
-        if landing.nbytes != response.payload_bytes:
-            raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
-        recvs = [
-            ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True)
-            for i, buf in enumerate(landing.buffers)
-        ]
-        await _within(deadline, asyncio.gather(*recvs))
+        reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
+        payload = asyncio.ensure_future(
+            asyncio.gather(
+                *(
+                    ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True)
+                    for i, buf in enumerate(landing.buffers)
+                )
+            )
+        )
+        try:
+            await _within(deadline, send_message(ep, request.SerializeToString()))
+            response = kv_pb2.PullResponse.FromString(await _within(deadline, reply) or b"")
+            if not response.ok:
+                raise TransferError(f"source {endpoint} refused: {response.error}")
+            if landing.nbytes != response.payload_bytes:
+                raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
+            self._set_state(request.request_id, TransferState.TRANSFERRING)
+            await _within(deadline, payload)
+        finally:
+            for task in (reply, payload):
+                task.cancel()  # no-op when done; the caller's abort cancels the UCX requests
         landing.finish()
+
+    def _worker_address(self) -> bytes:
+        if self._address is None:
+            self._address = ucxx.get_worker_address().tobytes()
+        return self._address
 
     async def _connect(self, endpoint: str, deadline: float) -> Any:
         ep = self._eps.get(endpoint)

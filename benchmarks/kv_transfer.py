@@ -1,0 +1,153 @@
+"""KV pull bandwidth between two processes (source in a spawned process, puller here) against an
+in-process memcpy of the same bytes, for the UCX and torch.distributed backends.
+
+    python benchmarks/kv_transfer.py [--sizes 1,4,16,64,256] [--repeats 5] [--backends ucx,torch]
+                                     [--pattern contiguous|scattered] [--no-shm] [--tls TLS]
+
+One block is 1 MiB (8 layers, K+V, 8 heads, 16 tokens, head_dim 64, fp32). `contiguous` pulls a
+run of blocks into a run at another offset (zero-copy on both sides); `scattered` pulls randomly
+permuted block ids (gather at the source, scatter at the puller). GB/s = bytes / median seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# kv_transfer package: drop it (spawned processes inherit the fixed path).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+L, H, B, D = 8, 8, 16, 64  # one block: L * 2 * H * B * D * 4 bytes = 1 MiB
+BLOCK_BYTES = L * 2 * H * B * D * 4
+
+
+def make_source(backend: str, kv: torch.Tensor) -> Any:
+    if backend == "ucx":
+        from kv_transfer.ucx import UCXSource
+
+        return UCXSource(kv, 0, 1, H)
+    from kv_transfer.torch_dist import TorchDistSource
+
+    return TorchDistSource(kv, 0, 1, H)
+
+
+def make_puller(backend: str, kv: torch.Tensor, shm: bool) -> Any:
+    if backend == "ucx":
+        from kv_transfer.ucx import UCXConfig, UCXPuller
+
+        return UCXPuller(kv, 0, 1, H, UCXConfig(shared_memory=shm))
+    from kv_transfer.torch_dist import TorchDistPuller
+
+    return TorchDistPuller(kv, 0, 1, H)
+
+
+def source_main(backend: str, num_blocks: int, conn: Any) -> None:
+    torch.set_num_threads(1)
+
+    async def serve() -> None:
+        kv = torch.randn(num_blocks, L, 2, H, B, D)  # [N, L, 2, H, B, D]
+        source = make_source(backend, kv)
+        conn.send(await source.start("127.0.0.1"))
+        source.lease("bench", list(range(num_blocks)), time.time() + 3600)
+        while not conn.poll():
+            await asyncio.sleep(0.05)
+        await source.close()
+
+    asyncio.run(serve())
+
+
+def src_dst_ids(n: int, num_blocks: int, pattern: str) -> tuple[list[int], list[int]]:
+    if pattern == "contiguous":
+        return list(range(n)), list(range(num_blocks - n, num_blocks))
+    g = torch.Generator().manual_seed(n)
+    return torch.randperm(num_blocks, generator=g)[:n].tolist(), torch.randperm(num_blocks, generator=g)[:n].tolist()
+
+
+def memcpy_once(kv: torch.Tensor, src: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    kv[: src.shape[0]].copy_(src)
+    return time.perf_counter() - t0
+
+
+async def measure(puller: Any, endpoint: str, n: int, pattern: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of a pull of n blocks and of a memcpy of the same bytes, interleaved so that
+    both see the same machine load."""
+    from kv_transfer.handle import KVHandle, RankShard
+
+    num_blocks = puller.kv.shape[0]
+    src, dst = src_dst_ids(n, num_blocks, pattern)
+    shard = RankShard(0, endpoint, tuple(src))
+    handle = KVHandle("bench", n * B, B, L, H, D, "float32", 1, (shard,), time.time() + 3600)
+    copy_src = torch.randn(n, *puller.kv.shape[1:])
+    await puller.pull(handle, dst, timeout=60)  # connects on first use: not counted
+    pulls, copies = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        await puller.pull(handle, dst, timeout=60)
+        pulls.append(time.perf_counter() - t0)
+        copies.append(memcpy_once(puller.kv, copy_src))
+    return statistics.median(pulls), statistics.median(copies)
+
+
+def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> list[tuple[int, float, float]]:
+    num_blocks = max(sizes) * (2**20) // BLOCK_BYTES
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=source_main, args=(backend, num_blocks, child), daemon=True)
+    proc.start()
+    if not parent.poll(120):
+        proc.kill()
+        raise RuntimeError(f"{backend} source process did not start")
+    endpoint = parent.recv()
+    kv = torch.zeros(num_blocks, L, 2, H, B, D)
+    puller = make_puller(backend, kv, not args.no_shm)
+    rows = []
+
+    async def run_sizes() -> None:
+        for mb in sizes:
+            n = mb * 2**20 // BLOCK_BYTES
+            pull, copy = await measure(puller, endpoint, n, args.pattern, args.repeats)
+            rows.append((mb, n * BLOCK_BYTES / pull / 1e9, n * BLOCK_BYTES / copy / 1e9))
+        await puller.close()
+
+    try:
+        asyncio.run(run_sizes())
+    finally:
+        parent.send("stop")
+        proc.join(10)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1,4,16,64,256")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--backends", default="ucx,torch")
+    parser.add_argument("--pattern", choices=["contiguous", "scattered"], default="contiguous")
+    parser.add_argument("--no-shm", action="store_true", help="UCX payload over the tcp control connection")
+    parser.add_argument("--tls", default=None, help="UCX_TLS for both processes")
+    args = parser.parse_args()
+    if args.tls:
+        os.environ["UCX_TLS"] = args.tls
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    torch.set_num_threads(1)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"pattern={args.pattern} shm={not args.no_shm} UCX_TLS={os.environ.get('UCX_TLS', '(default)')}")
+    print(f"{'backend':<8} {'MB':>5} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
+    for backend in args.backends.split(","):
+        for mb, pull, copy in run_backend(backend, sizes, args):
+            print(f"{backend:<8} {mb:>5} {pull:>10.2f} {copy:>12.2f} {pull / copy:>6.0%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
