@@ -1,0 +1,151 @@
+"""A two-node Ray cluster on this machine: each pool lands on its node group.
+
+`ray start --head` with `{"prefill_node": 4}` and a second `ray start --address` with
+`{"decode_node": 4}`, both on loopback, with every port picked free and a private temp dir (other
+Ray instances on the machine are left alone). The scenario runs in a subprocess (`python -m
+tests.test_multinode MODEL_DIR`) because this pytest process may already be a driver of the
+session's local Ray. Each `ray start --block` is our own process group, stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+              "--runtime-env-agent-port", "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_start(extra: list[str], resources: dict[str, float], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    ports = _free_ports(len(PORT_FLAGS))
+    cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+           f"--resources={json.dumps(resources)}", "--disable-usage-stats",
+           *[f"{flag}={port}" for flag, port in zip(PORT_FLAGS, ports, strict=True)], *extra]
+    return subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@contextmanager
+def two_node_ray(temp_dir: str) -> Iterator[str]:
+    """Head {"prefill_node": 4} + worker {"decode_node": 4}; yields the GCS address."""
+    gcs, client = _free_ports(2)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = _ray_start(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+                       "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                      {"prefill_node": 4}, env)
+    procs = [head]
+    try:
+        address = f"127.0.0.1:{gcs}"
+        _wait_nodes(address, 1, head)
+        procs.append(_ray_start([f"--address={address}"], {"decode_node": 4}, env))
+        _wait_nodes(address, 2, procs[-1])
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _wait_nodes(address: str, n: int, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        out = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.count("node_") >= n:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"{n} Ray node(s) not up at {address} after {within}s")
+
+
+def _placement(apps: dict[str, Any]) -> dict[str, set[str]]:
+    """pool -> the custom node-group resources of the nodes its replicas run on."""
+    import ray
+
+    groups = {n["NodeID"]: {k for k in n["Resources"] if k.endswith("_node")} for n in ray.nodes() if n["Alive"]}
+    out: dict[str, set[str]] = {}
+    for app, pool in (("pdserve-prefill", "prefill"), ("pdserve-decode", "decode")):
+        for dep in apps[app]["deployments"].values():
+            for replica in dep["replicas"]:
+                out.setdefault(pool, set()).update(groups[replica["node_id"]])
+    return out
+
+
+async def _scenario(address: str, model: str) -> dict[str, Any]:
+    from ray.serve.context import _get_global_client
+
+    from deploy.cluster import Cluster
+    from router.client import generate
+    from tests.e2e import small_config
+
+    cfg = small_config(model, ray={"address": address, "namespace": "pdserve-multinode"},
+                       prefill={"tensor_parallel_size": 1, "resources": {"num_cpus": 0.25, "custom": {"prefill_node": 1}}},
+                       decode={"resources": {"num_cpus": 0.25, "custom": {"decode_node": 1}}})
+    cluster = Cluster(cfg)
+    await cluster.start(240)
+    try:
+        done = await asyncio.to_thread(generate, cluster.address, [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=6,
+                                       ignore_eos=True, timeout=60)
+        apps = _get_global_client().get_serve_details()["applications"]
+        return {"tokens": len(done.token_ids), "placement": {k: sorted(v) for k, v in _placement(apps).items()}}
+    finally:
+        await cluster.stop()
+
+
+def main(model: str) -> None:
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="pdserve-ray-", dir="/tmp") as temp_dir:
+        with two_node_ray(temp_dir) as address:
+            ray.init(address=address, namespace="pdserve-multinode", log_to_driver=False)
+            try:
+                result = asyncio.run(_scenario(address, model))
+            finally:
+                ray.shutdown()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def test_each_pool_lands_on_its_node_group(hf_checkpoint: Callable[[str], Path]) -> None:
+    model = str(hf_checkpoint("llama"))
+    out = subprocess.run([sys.executable, "-m", "tests.test_multinode", model], cwd=REPO,
+                         capture_output=True, text=True, timeout=540)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, f"scenario failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["tokens"] == 6
+    assert result["placement"] == {"prefill": ["prefill_node"], "decode": ["decode_node"]}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
