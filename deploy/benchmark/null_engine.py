@@ -9,6 +9,7 @@ as it does with a real engine.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,7 +23,14 @@ from kv_transfer.handle import KVHandle
 VOCAB = 32000
 
 
+@dataclass(frozen=True, slots=True)
+class NullModelConfig:
+    vocab_size: int = VOCAB
+
+
 class NullEngine:
+    model_config = NullModelConfig()
+
     def __init__(self) -> None:
         self._prefilled: dict[str, tuple[int, int]] = {}
         self._running: dict[str, list[int]] = {}  # request id -> [last token, tokens left]

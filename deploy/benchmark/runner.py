@@ -117,10 +117,6 @@ async def run_load(stub: router_pb2_grpc.RouterStub, specs: Sequence[RequestSpec
     cpu0, t0 = time.process_time(), time.perf_counter()
 
     async def one(request: router_pb2.GenerateRequest, rec: RequestRecord) -> None:
-        delay = rec.scheduled - (time.perf_counter() - t0)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        dispatch_lags.append(max(0.0, time.perf_counter() - t0 - rec.scheduled))
         if slots is None:
             await _stream(stub, request, rec, t0, timeout, metadata)
         else:
@@ -129,7 +125,15 @@ async def run_load(stub: router_pb2_grpc.RouterStub, specs: Sequence[RequestSpec
         if progress is not None:
             progress.update(rec.ok)
 
-    await asyncio.gather(*(one(q, r) for q, r in zip(requests, records, strict=True)))
+    tasks = []
+    loop = asyncio.get_running_loop()
+    for request, rec in zip(requests, records, strict=True):  # arrivals in order, one timer at a time
+        delay = rec.scheduled - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        dispatch_lags.append(max(0.0, time.perf_counter() - t0 - rec.scheduled))
+        tasks.append(loop.create_task(one(request, rec)))
+    await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     stop.set()
