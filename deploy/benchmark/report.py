@@ -16,14 +16,14 @@ from deploy.benchmark.stats import RequestRecord
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """JSON has no inf / nan: inf -> "inf", nan -> None (recursively)."""
     if isinstance(value, float):
         return None if math.isnan(value) else ("inf" if math.isinf(value) else value)
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -53,7 +53,7 @@ def run_json(result: RunResult, with_requests: bool = True) -> dict[str, Any]:
 
 
 def bench_json(cfg: BenchConfig, results: Sequence[RunResult]) -> dict[str, Any]:
-    return _finite({"config": dataclasses.asdict(cfg) | {"api_key": None},
+    return finite({"config": dataclasses.asdict(cfg) | {"api_key": None},
                     "runs": [run_json(r) for r in results]})
 
 
