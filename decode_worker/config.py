@@ -24,3 +24,4 @@ class DecodeWorkerConfig:
     transfer_timeout_seconds: float = 10.0
     admission_wait_seconds: float = 5.0  # how long a request may wait for free KV blocks
     replica_id: str = ""
+    cpu_affinity: tuple[int, ...] = ()  # cores this replica's process is pinned to; () = not pinned

@@ -16,6 +16,7 @@ import logging
 import time
 
 from deploy.apply import ApplyPlan, kv_get, kv_put, plan_apply, request_key, result_key
+from deploy.colocated_app import decode_pool_app
 from deploy.config import (
     ConfigError,
     DeployConfig,
@@ -25,7 +26,6 @@ from deploy.config import (
     parse_config,
 )
 from deploy.metrics import Metrics
-from deploy.colocated_app import decode_pool_app
 from deploy.serve_app import DECODE_APP, PREFILL_APP, build_prefill_app
 from engine.config import ModelConfig
 from engine.config import load_config as load_model_config

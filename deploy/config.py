@@ -38,6 +38,7 @@ Device = Literal["cpu", "cuda"]
 TPSize = Literal[1, 2, 4, 8]
 Quantization = Literal["none", "int8", "fp8"]
 Backend = Literal["ucx", "torch"]
+ServingMode = Literal["disaggregated", "colocated"]
 FloatMap = tuple[tuple[str, float], ...]  # written in YAML as a mapping; stored as sorted pairs
 
 
@@ -138,6 +139,8 @@ class PrefillConfig:
     resources: ResourcesConfig = section(ResourcesConfig, "Ray resources of each rank")
     autoscaling: PrefillAutoscaling | None = opt(None, "queue-driven autoscaling; null = fixed "
                                                  "`replicas`, `{}` = on with defaults")
+    cpu_affinity: tuple[int, ...] = opt((), "CPU cores every rank's process is pinned to "
+                                        "(`os.sched_setaffinity`); empty = not pinned", ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,12 @@ class DecodeConfig:
     resources: ResourcesConfig = section(ResourcesConfig, "Ray resources of each rank")
     autoscaling: DecodeAutoscaling | None = opt(None, "KV-use-driven autoscaling; null = fixed "
                                                 "`replicas`, `{}` = on with defaults")
+    cpu_affinity: tuple[int, ...] = opt((), "CPU cores every replica's process is pinned to "
+                                        "(`os.sched_setaffinity`); empty = not pinned", ge=0)
+    local_prefill_max_tokens: int = opt(0, "conditional disaggregation: a prompt with at most this "
+                                        "many tokens not already cached on the chosen decode "
+                                        "replica is prefilled there (no KV transfer); 0 = off",
+                                        ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +184,11 @@ class RayConfig:
 
 @dataclass(frozen=True, slots=True)
 class DeployConfig:
+    serving_mode: ServingMode = opt("disaggregated", "`disaggregated`: a prefill pool and a decode "
+                                    "pool, KV moved between them; `colocated`: no prefill pool, "
+                                    "each `decode` replica runs both phases on one engine (like a "
+                                    "plain vLLM server; chunk size from "
+                                    "`prefill.max_num_batched_tokens`)")
     model: ModelSettings = section(ModelSettings, "the model both pools serve")
     router: RouterConfig = section(RouterConfig, "the public gRPC router")
     prefill: PrefillConfig = section(PrefillConfig, "the prefill pool")
@@ -621,7 +635,7 @@ def _type_name(hint: Any, meta: Any) -> str:
     if hint == FloatMap:
         return f"mapping of str: float{_md(_bounds(meta))}"
     if origin is tuple:
-        return "list of str"
+        return f"list of {args[0].__name__}{_md(_bounds(meta))}"
     return f"{hint.__name__}{_md(_bounds(meta))}"
 
 

@@ -24,3 +24,4 @@ class PrefillWorkerConfig:
     replica_id: str = ""  # empty: derived from the Ray actor id
     rank_num_cpus: float = 0.5  # Ray resources of each follower rank (bundle 1..N-1)
     rank_num_gpus: float = 0.0
+    cpu_affinity: tuple[int, ...] = ()  # cores every rank's process is pinned to; () = not pinned

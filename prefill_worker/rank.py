@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from pdserve.v1 import kv_pb2
 
+from engine.cpus import pin_process
 from engine.distributed import Follower
 from engine.engine import DTYPES
 from engine.kv_cache import CacheConfig
@@ -49,6 +50,7 @@ class PrefillRank:
     """Ray actor body (wrapped with ray.remote by the replica)."""
 
     def __init__(self, cfg: PrefillWorkerConfig, rank: int, spec: GroupSpec) -> None:
+        pin_process(cfg.cpu_affinity)
         torch.set_num_threads(cfg.torch_threads)
         self.cfg, self.rank, self.spec = cfg, rank, spec
         self.source: KVSource | None = None

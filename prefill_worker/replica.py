@@ -20,6 +20,7 @@ import torch
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
+from engine.cpus import pin_process
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
@@ -38,6 +39,7 @@ def free_port(host: str) -> int:
 
 class PrefillReplica:
     def __init__(self, cfg: PrefillWorkerConfig) -> None:
+        pin_process(cfg.cpu_affinity)
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.cache = CacheConfig(cfg.block_size, cfg.num_kv_blocks)

@@ -34,6 +34,7 @@ from pdserve.v1 import router_pb2, worker_pb2
 from router.admission import Admission, DuplicateRequest, Overloaded
 from router.config import RouterConfig
 from router.errors import RouterError, unavailable, worker_error
+from router.local import is_local_kv, pick_local_prefill, pick_same_replica
 from router.observe import RequestClock, RequestObserver
 from router.output import OutputState
 from router.picker import AffinityMemory, pick_decode, pick_prefill
@@ -174,7 +175,9 @@ async def _prefill(prep: Prepared, prompt: Sequence[int], sampling: worker_pb2.W
     last: RouterError | None = None
     for _ in range(cfg.worker_retries + 1):
         ready = [r for r in deps.registry.ready(PREFILL) if r.replica_id not in tried]
-        replica = pick_prefill(ready, hashes, deps.memory, cfg.affinity_max_imbalance_tokens)
+        local = pick_local_prefill([r for r in deps.registry.ready(DECODE) if r.replica_id not in tried],
+                                   prompt, cfg)  # conditional disaggregation: prefill on decode
+        replica = local or pick_prefill(ready, hashes, deps.memory, cfg.affinity_max_imbalance_tokens)
         if replica is None:
             break
         tried.add(replica.replica_id)
@@ -236,6 +239,10 @@ async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_rep
             request = await _migrate(prep, sent, deps, remaining, lease, attempt)
             if sent.out.finished:
                 return
+        if is_local_kv(request.kv):  # the KV stays in the engine that prefilled it: decode there
+            replica = pick_same_replica(deps.registry.ready(DECODE), request.prefill_address)
+            if replica is None:
+                break
         blocks = _blocks_needed(len(request.prompt_token_ids), request.sampling.max_tokens, cfg.block_size)
         try:
             await _stream_decode(replica, request, blocks, sent, deps, remaining, lease, clock)

@@ -285,7 +285,7 @@ def test_docs_table_is_current() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     assert reference_table() in doc
     rows = [r for r in reference_table().splitlines()[2:]]
-    assert len(rows) == 63 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
+    assert len(rows) == 67 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
 
 
 def test_overrides_apply_on_top_of_the_file(write) -> None:
@@ -320,8 +320,8 @@ def test_odd_keys_are_reported_not_crashed(write) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write("1: x\nprefill:\n  resources:\n    custom: {1: 2, a: 1}\n"))
     assert str(info.value).splitlines() == [
-        "config.yaml: 1: unknown key (valid top-level keys: model, router, prefill, decode, "
-        "kv_transfer, ray)",
+        "config.yaml: 1: unknown key (valid top-level keys: serving_mode, model, router, prefill, "
+        "decode, kv_transfer, ray)",
         "config.yaml: prefill.resources.custom: expected a string, got 1"]
 
 
