@@ -18,7 +18,7 @@ import torch
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
-from decode_worker.server import DecodeService
+from decode_worker.server import SERVER_OPTIONS, DecodeService
 from engine.async_engine import AsyncEngine
 from engine.cpus import pin_process
 from engine.engine import EngineConfig, LLMEngine
@@ -75,7 +75,7 @@ class DecodeReplica:
             self.engine, self._pull, self._release, self.cfg.transfer_timeout_seconds,
             self.cfg.admission_wait_seconds,
         )
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, self.server)
         port = self.server.add_insecure_port(f"{self.cfg.host}:0")
         await self.server.start()

@@ -8,7 +8,13 @@ Lifecycle of a request here:
      then tells the prefill replica to release its lease (also when the pull failed).
   4. `resume` joins the request to the running batch; every engine step's new tokens for it leave as
      one DecodeResponse (tokens that piled up while the stream was busy are merged into one message).
-  5. A cancelled stream aborts the request: the engine frees its blocks, whatever state it was in.
+  5. A cancelled stream aborts the request: the engine frees its blocks, whatever state it was in
+     (waiting for room, pulling, decoding); a pull that was cut short never joins the batch.
+
+Errors: malformed metadata (KVHandle not matching the request, token ids outside the vocabulary)
+is INVALID_ARGUMENT before anything is allocated; a failed pull is UNAVAILABLE; a dead engine is
+UNAVAILABLE at once, before or during the stream (the router migrates the request). The pull's
+timeout is also bounded by the call's deadline.
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
     )
 
 
+# Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
+# before they are parsed; a prompt of 128k tokens is well under 1 MiB on the wire.
+MAX_MESSAGE_BYTES = 4 << 20
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(
         self,
@@ -69,6 +83,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfer_timeout = transfer_timeout
         self.admission_wait = admission_wait
         self.active: set[str] = set()
+        self.pull_delay = 0.0  # fault injection (tests, drills): seconds each pull waits first
 
     async def Decode(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -76,9 +91,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         rid = request.request_id
         if not rid or rid in self.active:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
+        if self.engine.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine failed: {self.engine.error!r}")
         try:
             params = sampling_from_wire(request.sampling)
             handle = KVHandle.from_proto(request.kv)
+            self._check(request, handle)
         except (ValueError, TransferError) as exc:
             await self.release(request.prefill_address, rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -87,9 +105,22 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             stream = await self._admit_and_pull(request, params, handle, context)
             async for message in self._stream(stream):
                 yield message
+        except EngineFailed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             self.active.discard(rid)
             self.engine.abort(rid)  # a no-op once finished; frees everything if cancelled
+
+    def _check(self, request: worker_pb2.DecodeRequest, handle: KVHandle) -> None:
+        """The handle must describe this request's prompt; the first token must be a real token
+        (the engine embeds it without looking)."""
+        vocab = self.engine.engine.model_config.vocab_size
+        if handle.request_id != request.request_id:
+            raise ValueError(f"kv.request_id {handle.request_id!r} is not the request's id")
+        if handle.num_tokens != len(request.prompt_token_ids):
+            raise ValueError(f"kv.num_tokens {handle.num_tokens} != {len(request.prompt_token_ids)} prompt tokens")
+        if not 0 <= request.first_token < vocab:
+            raise ValueError(f"first_token {request.first_token} is outside the vocabulary [0, {vocab})")
 
     async def _admit_and_pull(
         self,
@@ -105,12 +136,17 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             if blocks is None:
                 await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens")
             stream = self.engine.open_stream(rid)
-            await self.pull(handle, list(blocks), self.transfer_timeout)
+            await asyncio.sleep(self.pull_delay)
+            await self.pull(handle, list(blocks), _bounded(self.transfer_timeout, context))
+            await self.engine.call(lambda: inner.resume(rid))
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        except ValueError as exc:  # the engine refused the request (prompt too long, bad ids)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:  # the engine died
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             await self.release(request.prefill_address, rid)
-        await self.engine.call(lambda: inner.resume(rid))
         return stream
 
     async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
@@ -124,10 +160,21 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def _stream(self, stream: RequestStream) -> AsyncIterator[worker_pb2.DecodeResponse]:
         while True:
             outs = [await stream.next()] + stream.drain()
+            if any(out.finish_reason == "error" for out in outs):  # the engine died under us
+                raise EngineFailed(f"decode engine failed: {self.engine.error!r}")
             message = _merge(outs)
             yield message
             if message.finish_reason != worker_pb2.FINISH_NONE:
                 return
+
+
+class EngineFailed(RuntimeError):
+    """The engine thread died while the request was running (answered UNAVAILABLE)."""
+
+
+def _bounded(timeout: float, context: grpc.aio.ServicerContext) -> float:
+    left = context.time_remaining()
+    return timeout if left is None else max(0.0, min(timeout, left))
 
 
 async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -8,6 +8,11 @@ Lifecycle of a request:
   3. The caller iterates the stream until a StepOutput with a finish_reason arrives.
   4. `abort(request_id)` at any time frees the request's blocks; its stream ends with "abort".
 
+A request the engine refuses (ValueError from add_request: bad token ids, too long) ends its stream
+with "error" and `stream.error` set; the engine keeps serving. An exception from `step()` kills the
+engine: every open stream ends with "error", `error` is set, and later calls fail at once (nothing
+waits on a dead engine thread).
+
 The engine itself is not thread-safe: every engine call happens on the engine thread.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +35,7 @@ class RequestStream:
 
     request_id: str
     queue: asyncio.Queue[StepOutput] = field(default_factory=asyncio.Queue)
+    error: str | None = None  # why the engine refused the request (its last output is "error")
 
     async def next(self, timeout: float | None = None) -> StepOutput:
         return await asyncio.wait_for(self.queue.get(), timeout)
@@ -51,18 +58,34 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._stopped = threading.Event()
         self._error: BaseException | None = None
+        self._calls: set[asyncio.Future[Any]] = set()  # call() futures not answered yet
+        self.step_delay = 0.0  # fault injection (tests, drills): seconds slept before each step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
     # --- calls from the event loop -------------------------------------------------------
     def submit(self, request_id: str, prompt: list[int], params: Any, hold_kv: bool = False) -> RequestStream:
         stream = self._open(request_id)
-        self._commands.put(lambda: self.engine.add_request(request_id, prompt, params, hold_kv=hold_kv))
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt, params, hold_kv=hold_kv)
+            except ValueError as exc:  # a bad request fails alone, the engine goes on
+                stream.error = str(exc)
+                self._streams.pop(request_id, None)
+                self._deliver(stream, StepOutput(request_id, [], [], "error"))
+
+        self._commands.put(add)
+        self._fail_if_dead(stream)
         return stream
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Runs fn on the engine thread between steps and returns its result."""
+        if self._error is not None:
+            raise RuntimeError(f"engine failed: {self._error!r}")
         done: asyncio.Future[Any] = self._loop.create_future()
+        self._calls.add(done)
+        done.add_done_callback(self._calls.discard)
 
         def run() -> None:
             try:
@@ -73,10 +96,14 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_set_result, done, result)
 
         self._commands.put(run)
+        if self._error is not None:  # died between the check and the put
+            self._fail_calls()
         return await done
 
     def open_stream(self, request_id: str) -> RequestStream:
-        return self._open(request_id)
+        stream = self._open(request_id)
+        self._fail_if_dead(stream)
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self._abort(request_id))
@@ -89,6 +116,16 @@ class AsyncEngine:
     @property
     def error(self) -> BaseException | None:
         return self._error
+
+    def _fail_if_dead(self, stream: RequestStream) -> None:
+        if self._error is not None:
+            self._streams.pop(stream.request_id, None)
+            stream.queue.put_nowait(StepOutput(stream.request_id, [], [], "error"))
+
+    def _fail_calls(self) -> None:
+        error = RuntimeError(f"engine failed: {self._error!r}")
+        for done in list(self._calls):
+            self._loop.call_soon_threadsafe(_set_exception, done, error)
 
     # --- the engine thread ---------------------------------------------------------------
     def _open(self, request_id: str) -> RequestStream:
@@ -107,6 +144,9 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 self._apply_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
+                    if self.step_delay > 0:
+                        time.sleep(self.step_delay)
+                        self._apply_commands(block=False)  # aborts that came in meanwhile
                     for out in self.engine.step():
                         self._publish(out)
         except BaseException as exc:  # noqa: BLE001 - a dead engine must fail its streams
@@ -114,6 +154,7 @@ class AsyncEngine:
             for stream in list(self._streams.values()):
                 self._deliver(stream, StepOutput(stream.request_id, [], [], "error"))
             self._streams.clear()
+            self._fail_calls()
 
     def _apply_commands(self, block: bool) -> None:
         try:

@@ -28,7 +28,7 @@ from kv_transfer import make_source
 from kv_transfer.base import KVSource
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.rank import GroupSpec, PrefillRank, encode_lease, init_group
-from prefill_worker.server import PrefillService, RankLease
+from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
 
 
 def free_port(host: str) -> int:
@@ -63,7 +63,7 @@ class PrefillReplica:
         for rank, (actor, endpoint) in enumerate(zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1):
             ranks.append(_remote_lease(actor, rank, endpoint))
         self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.dtype)
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.service, self.server)
         port = self.server.add_insecure_port(f"{self.cfg.host}:0")
         await self.server.start()

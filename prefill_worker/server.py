@@ -7,7 +7,12 @@ Lifecycle of a request here:
      carries the first token and a KVHandle naming every rank's endpoint and block ids.
   3. `ReleaseKV` (from the decode replica once it pulled, or the router when it gives up) or the
      lease's expiry frees the blocks: unlease on every rank, then `release_kv` in the engine.
-  4. A cancelled or timed-out `Prefill` aborts the request in the engine: nothing stays allocated.
+  4. A cancelled or timed-out `Prefill` aborts the request in the engine: nothing stays allocated,
+     whichever step it was in (queued, prefilling, leasing). A ReleaseKV that overtakes its Prefill
+     frees the blocks as soon as they are leased.
+
+Errors: a request the engine refuses is INVALID_ARGUMENT (the engine goes on); a dead engine (a TP
+rank died, a collective failed) is UNAVAILABLE at once, so the router retries on another replica.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.engine import StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer.handle import KVHandle, RankShard
 
@@ -49,6 +55,14 @@ def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
     )
 
 
+# Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
+# before they are parsed; a prompt of 128k tokens is well under 1 MiB on the wire.
+MAX_MESSAGE_BYTES = 4 << 20
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(
         self,
@@ -63,50 +77,79 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.dtype = dtype
         self.leases: dict[str, tuple[asyncio.TimerHandle, int]] = {}  # request id -> (expiry timer, blocks)
         self.queued_prompt_tokens = 0
+        self.running: set[str] = set()   # Prefill calls not answered yet
+        self.unwanted: set[str] = set()  # released while still running: free the lease at once
 
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         rid = request.request_id
-        if not rid or rid in self.leases:
+        if not rid or rid in self.leases or rid in self.running:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
+        if self.engine.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine failed: {self.engine.error!r}")
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_wire(request.sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.queued_prompt_tokens += len(prompt)
+        self.running.add(rid)
         try:
-            out = await self._run(rid, prompt, params)
+            out = await self._prefill(rid, prompt, params, context)
+            handle = await self._lease(rid, len(prompt))
+            if rid in self.unwanted:  # a ReleaseKV overtook this call: the requester gave up
+                await self.release(rid)
+                await context.abort(grpc.StatusCode.CANCELLED, f"{rid} was released before its prefill ended")
         finally:
-            self.queued_prompt_tokens -= len(prompt)
-        if out.finish_reason in ("abort", "error") or not out.token_ids:
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} failed: {out.finish_reason}")
-        handle = await self._lease(rid, len(prompt))
+            self.running.discard(rid)
+            self.unwanted.discard(rid)
         logprob = out.logprobs[0] if out.logprobs else 0.0
         return worker_pb2.PrefillResponse(
             request_id=rid, first_token=out.token_ids[0], first_logprob=logprob, kv=handle.to_proto()
         )
 
-    async def _run(self, rid: str, prompt: list[int], params: SamplingParams):  # type: ignore[no-untyped-def]
+    async def _prefill(self, rid: str, prompt: list[int], params: SamplingParams,
+                       context: grpc.aio.ServicerContext) -> StepOutput:
+        """The first token's output, or the call ends with a status (nothing left allocated)."""
+        self.queued_prompt_tokens += len(prompt)
+        try:
+            stream, out = await self._run(rid, prompt, params)
+        finally:
+            self.queued_prompt_tokens -= len(prompt)
+        if stream.error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.error)
+        if out.finish_reason == "error":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine failed: {self.engine.error!r}")
+        if out.finish_reason == "abort" or not out.token_ids:
+            self.engine.abort(rid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} failed: {out.finish_reason}")
+        return out
+
+    async def _run(self, rid: str, prompt: list[int], params: SamplingParams) -> tuple[RequestStream, StepOutput]:
         stream = self.engine.submit(rid, prompt, params, hold_kv=True)
         try:
             out = await stream.next()
             while out.finish_reason is None:
                 out = await stream.next()
-            return out
+            return stream, out
         except asyncio.CancelledError:
             self.engine.abort(rid)
             raise
 
     async def _lease(self, rid: str, num_tokens: int) -> KVHandle:
+        """Leases the held blocks on every rank; on any failure or cancel, frees them instead."""
         inner = self.engine.engine
-        blocks = await self.engine.call(lambda: inner.kv_block_ids(rid))
-        expiry = time.time() + self.lease_seconds
-        await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.lease_seconds, lambda: asyncio.ensure_future(self.release(rid)))
-        self.leases[rid] = (timer, len(blocks))
+        self.leases[rid] = (timer, 0)
+        try:
+            blocks = await self.engine.call(lambda: inner.kv_block_ids(rid))
+            self.leases[rid] = (timer, len(blocks))
+            expiry = time.time() + self.lease_seconds
+            await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
+        except BaseException:
+            await asyncio.shield(self.release(rid))
+            raise
         cfg = inner.model_config
         return KVHandle(
             request_id=rid,
@@ -124,11 +167,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def release(self, rid: str) -> bool:
         lease = self.leases.pop(rid, None)
         if lease is None:
+            if rid in self.running:
+                self.unwanted.add(rid)
             return False
         lease[0].cancel()
         await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
-        inner = self.engine.engine
-        await self.engine.call(lambda: inner.release_kv(rid))
+        self.engine.abort(rid)  # frees the held blocks; works on a dead engine too (a no-op)
         return True
 
     async def ReleaseKV(  # noqa: N802 - gRPC method name
