@@ -22,6 +22,7 @@ from pdserve.v1 import kv_pb2
 
 if TYPE_CHECKING:
     from kv_transfer.handle import KVHandle
+    from kv_transfer.payload import StagingPool
     from kv_transfer.reshard import PullPlan
 
 MAX_REQUEST_BYTES = 1 << 20  # a PullRequest larger than this is rejected unread
@@ -57,6 +58,15 @@ class Answer:
     response: kv_pb2.PullResponse
     tensors: list[torch.Tensor] = field(default_factory=list)  # contiguous, one per segment
     request: kv_pb2.PullRequest | None = None
+    staged: list[torch.Tensor] = field(default_factory=list)  # tensors owned by pool
+    pool: StagingPool | None = None
+
+    def sent(self) -> None:
+        """Call once the payload is sent: staging buffers go back to the pool."""
+        if self.pool is not None:
+            for t in self.staged:
+                self.pool.give(t)
+        self.staged = []
 
 
 def refuse(error: str) -> Answer:
@@ -83,6 +93,7 @@ class KVSource(ABC):
         self._leases: dict[str, tuple[frozenset[int], float]] = {}
         self._fail_next = 0
         self._lock = threading.Lock()  # torch_dist serves from threads
+        self.pool = _pool()
 
     @abstractmethod
     async def start(self, host: str) -> str:
@@ -140,9 +151,9 @@ class KVSource(ABC):
             return refuse(error)
         heads = (req.head_start, req.head_end)
         segments = list(req.segments) or [len(req.block_ids)]
-        tensors = source_tensors(self.kv, list(req.block_ids), segments, heads)
+        tensors, staged = source_tensors(self.kv, list(req.block_ids), segments, heads, self.pool)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        return Answer(kv_pb2.PullResponse(ok=True, payload_bytes=nbytes), tensors, req)
+        return Answer(kv_pb2.PullResponse(ok=True, payload_bytes=nbytes), tensors, req, staged, self.pool)
 
     def _check(self, req: kv_pb2.PullRequest) -> str | None:
         with self._lock:
@@ -184,6 +195,7 @@ class KVPuller(ABC):
         self.tp_size = tp_size
         self.num_kv_heads = num_kv_heads
         self._states: dict[str, TransferState] = {}
+        self.pool = _pool()
 
     def state(self, request_id: str) -> TransferState:
         return self._states.get(request_id, TransferState.PENDING)
@@ -259,6 +271,12 @@ class KVPuller(ABC):
             raise TransferError(f"{len(dst_block_ids)} destination blocks for {handle.num_blocks}")
         if any(not 0 <= b < self.kv.shape[0] for b in dst_block_ids):
             raise TransferError(f"destination block id out of [0, {self.kv.shape[0]})")
+
+
+def _pool() -> StagingPool:
+    from kv_transfer.payload import StagingPool
+
+    return StagingPool()
 
 
 async def _all_or_cancel(coros: list) -> None:

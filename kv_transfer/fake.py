@@ -95,11 +95,12 @@ class FakePuller(KVPuller):
         if not response.ok:
             raise TransferError(f"source {endpoint} refused: {response.error}")
         self._set_state(request.request_id, TransferState.TRANSFERRING)
-        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
+        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
         if landing.nbytes != response.payload_bytes:
             raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
         for buf, tensor in zip(landing.buffers, answer.tensors, strict=True):
             buf.copy_(tensor)
+        answer.sent()
         landing.finish()
 
     async def close(self) -> None:

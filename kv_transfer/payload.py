@@ -9,11 +9,45 @@ both sides: the source sends `kv[a:a+n]` as is (zero-copy) and the puller receiv
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from kv_transfer.base import MAX_SEGMENTS
+
+
+class StagingPool:
+    """Reusable staging buffers: first-touch page faults of a fresh 100 MB tensor cost several
+    times the copy itself. Thread-safe; keeps at most max_bytes of idle buffers."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._free: list[torch.Tensor] = []  # flat (1-d) buffers, idle
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= numel and (b.dtype, b.device) == (dtype, device)]
+            flat = min(fits, key=lambda b: b.numel()) if fits else None
+            if flat is not None:
+                self._free = [b for b in self._free if b is not flat]
+        if flat is None:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)  # its _base is flat
+
+    def give(self, t: torch.Tensor) -> None:
+        """Returns a tensor from take() (one never given back is simply garbage-collected)."""
+        flat = t._base
+        if flat is None or flat.dim() != 1:
+            return
+        with self._lock:
+            idle = sum(b.numel() * b.element_size() for b in self._free)
+            fits = idle + flat.numel() * flat.element_size() <= self.max_bytes
+            if fits and all(b is not flat for b in self._free):
+                self._free.append(flat)
 
 
 def _runs(ids: list[int]) -> list[int]:
@@ -46,26 +80,30 @@ def _contiguous_start(ids: list[int]) -> int | None:
 
 
 def source_tensors(
-    kv: torch.Tensor, ids: list[int], segments: list[int], heads: tuple[int, int]
-) -> list[torch.Tensor]:
-    """One contiguous tensor per segment; views of kv when possible (they must not be freed or
-    overwritten until sent: the lease guarantees it)."""
+    kv: torch.Tensor, ids: list[int], segments: list[int], heads: tuple[int, int], pool: StagingPool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One contiguous tensor per segment, and the staged ones among them (give them back to pool
+    once sent). Unstaged ones are views of kv: the lease keeps those blocks unchanged."""
     # kv: [N, L, 2, H, B, D]
     h0, h1 = heads
     full = (h0, h1) == (0, kv.shape[3])
-    out, off = [], 0
+    out, staged, off = [], [], 0
     for n in segments:
         seg = ids[off : off + n]
         off += n
         start = _contiguous_start(seg)
+        if full and start is not None:
+            out.append(kv[start : start + n])  # zero-copy
+            continue
+        buf = pool.take((n, *kv.shape[1:3], h1 - h0, *kv.shape[4:]), kv.dtype, kv.device)
         if start is not None:
-            view = kv[start : start + n] if full else kv[start : start + n, :, :, h0:h1]
-            out.append(view.contiguous())  # no copy when full
+            buf.copy_(kv[start : start + n, :, :, h0:h1])
         else:
             idx = torch.tensor(seg, dtype=torch.long, device=kv.device)
-            src = kv if full else kv[:, :, :, h0:h1]
-            out.append(src.index_select(0, idx).contiguous())  # [n, L, 2, h, B, D]
-    return out
+            torch.index_select(kv if full else kv[:, :, :, h0:h1], 0, idx, out=buf)  # [n, L, 2, h, B, D]
+        out.append(buf)
+        staged.append(buf)
+    return out, staged
 
 
 @dataclass(slots=True)
@@ -74,6 +112,7 @@ class Landing:
 
     kv: torch.Tensor
     heads: tuple[int, int]  # destination heads [start, end)
+    pool: StagingPool
     buffers: list[torch.Tensor] = field(default_factory=list)  # contiguous receive targets
     staged: list[tuple[torch.Tensor, list[int]]] = field(default_factory=list)
 
@@ -82,7 +121,8 @@ class Landing:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
     def finish(self) -> None:
-        """Copies staged segments into kv[dst, :, :, heads]."""
+        """Copies staged segments into kv[dst, :, :, heads] and returns the staging buffers.
+        (After a failed receive, do not call it: drop the Landing.)"""
         h0, h1 = self.heads
         for buf, dst in self.staged:
             start = _contiguous_start(dst)
@@ -91,16 +131,18 @@ class Landing:
             else:
                 idx = torch.tensor(dst, dtype=torch.long, device=self.kv.device)
                 self.kv[:, :, :, h0:h1].index_copy_(0, idx, buf)
+            self.pool.give(buf)
+        self.staged.clear()
 
 
 def make_landing(
-    kv: torch.Tensor, dst_ids: list[int], segments: list[int], heads: tuple[int, int]
+    kv: torch.Tensor, dst_ids: list[int], segments: list[int], heads: tuple[int, int], pool: StagingPool
 ) -> Landing:
     """Receive targets for a pull's segments: kv itself for contiguous full-head runs, else staging."""
     # kv: [N, L, 2, H, B, D]
     h0, h1 = heads
     full = (h0, h1) == (0, kv.shape[3])
-    landing = Landing(kv, heads)
+    landing = Landing(kv, heads, pool)
     off = 0
     for n in segments:
         dst = dst_ids[off : off + n]
@@ -109,7 +151,7 @@ def make_landing(
         if full and start is not None:
             landing.buffers.append(kv[start : start + n])
             continue
-        buf = torch.empty((n, *kv.shape[1:3], h1 - h0, *kv.shape[4:]), dtype=kv.dtype, device=kv.device)
+        buf = pool.take((n, *kv.shape[1:3], h1 - h0, *kv.shape[4:]), kv.dtype, kv.device)
         landing.buffers.append(buf)
         landing.staged.append((buf, dst))
     return landing

@@ -183,6 +183,7 @@ class TorchDistSource(KVSource):
         pair.send_bytes(answer.response.SerializeToString(), timeout)
         if answer.response.ok:
             pair.send_tensors(answer.tensors, timeout)
+            answer.sent()
         return True
 
 
@@ -235,7 +236,7 @@ class TorchDistPuller(KVPuller):
                 if not response.ok:
                     raise TransferError(f"source {endpoint} refused: {response.error}")
                 self._set_state(request.request_id, TransferState.TRANSFERRING)
-                landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
+                landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
                 if landing.nbytes != response.payload_bytes:
                     raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
                 link.pair.recv_tensors(landing.buffers, deadline)

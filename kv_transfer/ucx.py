@@ -154,8 +154,9 @@ class UCXSource(KVSource):
         try:
             await asyncio.wait_for(asyncio.gather(reply, *sends), self.config.send_timeout)
         except BaseException:
-            self._drop_data_ep(req.reply_address)
+            self._drop_data_ep(req.reply_address)  # staging buffers are dropped, not reused
             raise
+        answer.sent()
         return True
 
     async def _data_ep(self, address: bytes) -> Any:
@@ -220,7 +221,7 @@ class UCXPuller(KVPuller):
         request.tag = secrets.randbits(63)
         if self.config.shared_memory:
             request.reply_address = self._worker_address()
-        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads)
+        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
         reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
         payload = asyncio.ensure_future(
             asyncio.gather(

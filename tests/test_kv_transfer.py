@@ -14,7 +14,7 @@ from pdserve.v1 import kv_pb2
 from kv_transfer.base import TransferError, TransferState
 from kv_transfer.fake import FakePuller, FakeRegistry, FakeSource
 from kv_transfer.handle import KVHandle, RankShard
-from kv_transfer.payload import make_landing, plan_segments, source_tensors
+from kv_transfer.payload import StagingPool, make_landing, plan_segments, source_tensors
 from kv_transfer.reshard import PullPlan, plan_pulls
 
 torch.set_num_threads(1)
@@ -89,10 +89,11 @@ def test_segments_and_landing_zero_copy() -> None:
     assert plan_segments([5, 6, 7], [0, 1, 2], False) == [3]
     assert plan_segments(list(range(0, 200, 2)), list(range(100)), True) == [100]  # too many runs
     kv = make_kv(8, H)
-    tensors = source_tensors(kv, [5, 6, 7, 1], [3, 1], (0, H))
-    assert tensors[0].data_ptr() == kv[5].data_ptr()  # a view, not a copy
+    pool = StagingPool()
+    tensors, staged = source_tensors(kv, [5, 6, 7, 1], [3, 1], (0, H), pool)
+    assert tensors[0].data_ptr() == kv[5].data_ptr() and not staged  # views, not copies
     dst = make_kv(8, H, seed=1)
-    landing = make_landing(dst, [0, 1, 2, 6], [3, 1], (0, H))
+    landing = make_landing(dst, [0, 1, 2, 6], [3, 1], (0, H), pool)
     assert landing.buffers[0].data_ptr() == dst[0].data_ptr() and not landing.staged
     for buf, t in zip(landing.buffers, tensors, strict=True):
         buf.copy_(t)
@@ -102,13 +103,18 @@ def test_segments_and_landing_zero_copy() -> None:
 
 def test_landing_scatters_heads() -> None:
     kv = make_kv(8, H)
-    tensors = source_tensors(kv, [7, 2], [2], (1, 3))
+    pool = StagingPool()
+    tensors, staged = source_tensors(kv, [7, 2], [2], (1, 3), pool)
+    assert staged == tensors
     dst = torch.zeros(8, L, 2, 2 * H, B, D)
-    landing = make_landing(dst, [4, 0], [2], (5, 7))
+    landing = make_landing(dst, [4, 0], [2], (5, 7), pool)
     landing.buffers[0].copy_(tensors[0])
+    pool.give(tensors[0])
     landing.finish()
     assert torch.equal(dst[[4, 0], :, :, 5:7], kv[[7, 2], :, :, 1:3])
     assert dst[:, :, :, :5].abs().sum() == 0 and dst[:, :, :, 7:].abs().sum() == 0
+    again = pool.take((2, L, 2, 2, B, D), torch.float32, dst.device)  # a returned buffer is reused
+    assert again.data_ptr() in {tensors[0].data_ptr(), landing.buffers[0].data_ptr()}
 
 
 async def _sources(reg: FakeRegistry, tp: int, ids: tuple[int, ...]) -> tuple[list[FakeSource], KVHandle]:
