@@ -48,20 +48,27 @@ def _ray_start(extra: list[str], resources: dict[str, float], env: dict[str, str
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to our `ray start --block` process group, then SIGKILL to what is left of it."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anything left in the group?
+            except ProcessLookupError:
+                return
+            proc.poll()
+            time.sleep(0.2)
 
 
 @contextmanager
 def two_node_ray(temp_dir: str) -> Iterator[str]:
     """Head {"prefill_node": 4} + worker {"decode_node": 4}; yields the GCS address."""
     gcs, client = _free_ports(2)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = ray_env()
     head = _ray_start(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
                        "--include-dashboard=false", f"--temp-dir={temp_dir}"],
                       {"prefill_node": 4}, env)
@@ -77,12 +84,18 @@ def two_node_ray(temp_dir: str) -> Iterator[str]:
             _stop(proc)
 
 
+def ray_env() -> dict[str, str]:
+    """Token auth (Ray 2.60's default) with the user's token, for every process of this cluster."""
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
 def _wait_nodes(address: str, n: int, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}")
-        out = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True)
+        out = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True,
+                             env=ray_env())
         if out.returncode == 0 and out.stdout.count("node_") >= n:
             return
         time.sleep(1.0)
@@ -138,7 +151,7 @@ def main(model: str) -> None:
 
 def test_each_pool_lands_on_its_node_group(hf_checkpoint: Callable[[str], Path]) -> None:
     model = str(hf_checkpoint("llama"))
-    out = subprocess.run([sys.executable, "-m", "tests.test_multinode", model], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "tests.test_multinode", model], cwd=REPO, env=ray_env(),
                          capture_output=True, text=True, timeout=540)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, f"scenario failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -146,6 +159,40 @@ def test_each_pool_lands_on_its_node_group(hf_checkpoint: Callable[[str], Path])
     assert result["tokens"] == 6
     assert result["placement"] == {"prefill": ["prefill_node"], "decode": ["decode_node"]}
 
+
+
+def _group_resources(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """KubeRay worker group -> the custom resources its `ray start` advertises (+ GPUs per pod)."""
+    out = {}
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        params = group["rayStartParams"]
+        res = json.loads(json.loads(params["resources"]))  # KubeRay wants a quoted JSON string
+        out[group["groupName"]] = {**res, "GPU": float(params["num-gpus"])}
+    return out
+
+
+def test_manifests_send_each_pool_to_its_node_group() -> None:
+    import yaml
+
+    from deploy.config import parse_config
+
+    k8s = REPO / "deploy" / "k8s"
+    cluster = yaml.safe_load((k8s / "raycluster.yaml").read_text())
+    config_map = yaml.safe_load((k8s / "pdserve-config.yaml").read_text())
+    cfg = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), "pdserve-config.yaml")
+    launcher = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())["available_node_types"]
+    groups = _group_resources(cluster)
+    for name, pool, node_type in (("prefill", cfg.prefill, "prefill_8xh100"),
+                                  ("decode", cfg.decode, "decode_8xh100")):
+        wanted = dict(pool.resources.custom)
+        assert wanted == {f"{name}_node": 1.0}
+        assert f"{name}_node" in groups[name] and all(f"{other}_node" not in groups[name]
+                                                      for other in ("prefill", "decode") if other != name)
+        assert f"{name}_node" in launcher[node_type]["resources"]
+        # one replica (its TP group) fits in one pod / node
+        assert pool.tensor_parallel_size * pool.resources.num_gpus <= groups[name]["GPU"]
+        assert pool.autoscaling is not None
+    assert cfg.ray.address == "auto" and cfg.router.metrics_port == 9090
 
 if __name__ == "__main__":
     main(sys.argv[1])
