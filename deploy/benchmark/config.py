@@ -58,7 +58,7 @@ class Load:
         if math.isinf(self.rate):
             return f"concurrency {self.concurrency}" if self.concurrency else "all at once"
         cap = f", max {self.concurrency} in flight" if self.concurrency else ""
-        return f"{self.rate:g} req/s{cap}"
+        return f"{self.rate:.3g} req/s{cap}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,9 @@ def latency_cdfs(results: Sequence[RunResult], path: Path) -> Path:
             if xs:
                 ys = [(i + 1) / len(xs) for i in range(len(xs))]
                 ax.step(xs, ys, where="post", label=r.load.label)
+        lo, hi = ax.dataLim.x0, ax.dataLim.x1
+        if ax.has_data() and lo > 0 and hi / lo > 100:  # long tails: a log axis keeps the body visible
+            ax.set_xscale("log")
         ax.set_xlabel(f"{metric} (ms)")
         ax.set_ylabel("fraction of samples")
         ax.set_title(f"{metric} CDF")
