@@ -15,8 +15,9 @@ The Cluster turns the difference into a plan (`plan_apply`):
     live (Serve updates counts and `user_config` in place); anything else (TP size, KV blocks,
     resources, quantization, backend) changes the deployment's version: a rolling restart, where
     each old replica drains (deploy/serve_app.py) so in-flight requests finish.
-  - `model.*`, the router's addresses, TLS and heartbeat, and `ray.*` need a new `pdserve up`: the
-    apply is refused, naming them, and nothing changes.
+  - `model.*`, the router's addresses, TLS, heartbeat and migration, `serving_mode`,
+    `decode.local_prefill_max_tokens` and `ray.*` need a new `pdserve up`: the apply is refused,
+    naming them, and nothing changes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from deploy.config import DeployConfig, load_config
 
 ROUTER_LIVE = frozenset({"router.max_inflight", "router.max_queued_prompt_tokens",
                          "router.default_max_tokens", "router.api_keys"})
-RESTART_ONLY = ("model.", "router.", "ray.")
 POOL_KEYS = {"prefill": ("prefill.", "kv_transfer."), "decode": ("decode.", "kv_transfer.")}
+# pool keys that also change the router or the kind of replica: a new `pdserve up`
+RESTART_POOL_KEYS = frozenset({"decode.local_prefill_max_tokens"})
 POLL_SECONDS = 0.25
 
 
@@ -45,8 +47,11 @@ class ApplyPlan:
 
 
 def plan_apply(changed: list[str]) -> ApplyPlan:
-    """What to do for these changed keys (from deploy.config.diff_configs)."""
-    refused = tuple(k for k in changed if k.startswith(RESTART_ONLY) and k not in ROUTER_LIVE)
+    """What to do for these changed keys (from deploy.config.diff_configs). Anything that is
+    neither a live router limit nor a pool key (model, addresses, TLS, serving mode, Ray) is refused."""
+    pool_prefixes = tuple(p for prefixes in POOL_KEYS.values() for p in prefixes)
+    refused = tuple(k for k in changed if k in RESTART_POOL_KEYS
+                    or (k not in ROUTER_LIVE and not k.startswith(pool_prefixes)))
     pools = tuple(p for p, prefixes in POOL_KEYS.items() if any(k.startswith(prefixes) for k in changed))
     return ApplyPlan(tuple(changed), any(k in ROUTER_LIVE for k in changed), pools, refused)
 

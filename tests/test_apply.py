@@ -23,8 +23,11 @@ def test_plan_sorts_keys_into_live_pool_and_refused() -> None:
     plan = plan_apply(["router.max_inflight", "decode.autoscaling.max_replicas",
                        "kv_transfer.lease_seconds"])
     assert plan.router and plan.pools == ("prefill", "decode") and not plan.refused
-    plan = plan_apply(["prefill.num_kv_blocks", "router.port", "model.dtype", "ray.namespace"])
-    assert plan.pools == ("prefill",) and plan.refused == ("router.port", "model.dtype", "ray.namespace")
+    plan = plan_apply(["prefill.num_kv_blocks", "router.port", "model.dtype", "ray.namespace",
+                       "serving_mode", "decode.local_prefill_max_tokens"])
+    assert plan.pools == ("prefill", "decode")
+    assert plan.refused == ("router.port", "model.dtype", "ray.namespace", "serving_mode",
+                            "decode.local_prefill_max_tokens")
 
 
 def _write(path: Path, cfg: DeployConfig, **changes: Any) -> Path:
@@ -42,7 +45,9 @@ def _write(path: Path, cfg: DeployConfig, **changes: Any) -> Path:
 def _deployment(app: str) -> dict[str, Any]:
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()
+    client = _get_global_client()
+    assert client is not None
+    details = client.get_serve_details()
     deployments: dict[str, Any] = details["applications"][app]["deployments"]
     return next(iter(deployments.values()))
 

@@ -66,20 +66,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def two_node_ray(temp_dir: str) -> Iterator[str]:
-    """Head {"prefill_node": 4} + worker {"decode_node": 4}; yields the GCS address."""
+    """Head {"prefill_node": 4} + worker {"decode_node": 4}; yields the GCS address, with this
+    process connected to it as a driver."""
+    import ray
+
     gcs, client = _free_ports(2)
-    env = ray_env()
     head = _ray_start(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
                        "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-                      {"prefill_node": 4}, env)
+                      {"prefill_node": 4}, ray_env())
     procs = [head]
     try:
         address = f"127.0.0.1:{gcs}"
-        _wait_nodes(address, 1, head)
-        procs.append(_ray_start([f"--address={address}"], {"decode_node": 4}, env))
-        _wait_nodes(address, 2, procs[-1])
+        _connect(address, head)
+        procs.append(_ray_start([f"--address={address}"], {"decode_node": 4}, ray_env()))
+        _wait_nodes(2, procs[-1])
         yield address
     finally:
+        ray.shutdown()
         for proc in reversed(procs):
             _stop(proc)
 
@@ -89,17 +92,32 @@ def ray_env() -> dict[str, str]:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
 
-def _wait_nodes(address: str, n: int, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
+def _connect(address: str, head: subprocess.Popen[bytes], within: float = 120.0) -> None:
+    import ray
+
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}")
+        try:
+            ray.init(address=address, namespace="pdserve-multinode", log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _wait_nodes(n: int, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
+    import ray
+
+    deadline = time.monotonic() + within
+    while sum(node["Alive"] for node in ray.nodes()) < n:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}")
-        out = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True,
-                             env=ray_env())
-        if out.returncode == 0 and out.stdout.count("node_") >= n:
-            return
-        time.sleep(1.0)
-    raise TimeoutError(f"{n} Ray node(s) not up at {address} after {within}s")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} Ray nodes not up after {within}s")
+        time.sleep(0.5)
 
 
 def _placement(apps: dict[str, Any]) -> dict[str, set[str]]:
@@ -130,22 +148,18 @@ async def _scenario(address: str, model: str) -> dict[str, Any]:
     try:
         done = await asyncio.to_thread(generate, cluster.address, [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=6,
                                        ignore_eos=True, timeout=60)
-        apps = _get_global_client().get_serve_details()["applications"]
+        client = _get_global_client()
+        assert client is not None
+        apps = client.get_serve_details()["applications"]
         return {"tokens": len(done.token_ids), "placement": {k: sorted(v) for k, v in _placement(apps).items()}}
     finally:
         await cluster.stop()
 
 
 def main(model: str) -> None:
-    import ray
-
     with tempfile.TemporaryDirectory(prefix="pdserve-ray-", dir="/tmp") as temp_dir:
         with two_node_ray(temp_dir) as address:
-            ray.init(address=address, namespace="pdserve-multinode", log_to_driver=False)
-            try:
-                result = asyncio.run(_scenario(address, model))
-            finally:
-                ray.shutdown()
+            result = asyncio.run(_scenario(address, model))
     print("RESULT " + json.dumps(result), flush=True)
 
 
