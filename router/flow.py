@@ -34,7 +34,7 @@ from pdserve.v1 import router_pb2, worker_pb2
 from router.admission import Admission, DuplicateRequest, Overloaded
 from router.config import RouterConfig
 from router.errors import RouterError, unavailable, worker_error
-from router.local import is_local_kv, pick_local_prefill, pick_same_replica
+from router.local import is_local_kv, pick_colocated, pick_local_prefill, pick_same_replica
 from router.observe import RequestClock, RequestObserver
 from router.output import OutputState
 from router.picker import AffinityMemory, pick_decode, pick_prefill
@@ -175,9 +175,10 @@ async def _prefill(prep: Prepared, prompt: Sequence[int], sampling: worker_pb2.W
     last: RouterError | None = None
     for _ in range(cfg.worker_retries + 1):
         ready = [r for r in deps.registry.ready(PREFILL) if r.replica_id not in tried]
-        local = pick_local_prefill([r for r in deps.registry.ready(DECODE) if r.replica_id not in tried],
-                                   prompt, cfg)  # conditional disaggregation: prefill on decode
-        replica = local or pick_prefill(ready, hashes, deps.memory, cfg.affinity_max_imbalance_tokens)
+        decoders = deps.registry.ready(DECODE)
+        replica = (pick_local_prefill([r for r in decoders if r.replica_id not in tried], prompt, cfg)
+                   or pick_colocated(ready, decoders, cfg.affinity_max_imbalance_tokens)
+                   or pick_prefill(ready, hashes, deps.memory, cfg.affinity_max_imbalance_tokens))
         if replica is None:
             break
         tried.add(replica.replica_id)

@@ -7,6 +7,11 @@ adopting the blocks, with no transfer.
 Conditional disaggregation (`local_prefill_max_tokens` > 0): the router first picks the decode
 replica as usual; if the prompt's tokens not already in that replica's prefix cache (its reported
 prefix hashes) are at most the threshold, that replica prefills the prompt itself.
+
+Colocated mode: every PREFILL replica has a DECODE twin at the same address (one engine). Picking by
+prompt queue alone would send every short prompt to the first idle replica and pile the decodes
+there, so the pick is the decode picker's (most free KV blocks, then the lightest batch) among the
+replicas whose prompt queue is within `affinity_max_imbalance_tokens` of the shortest.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 from pdserve.v1 import kv_pb2
 
 from router.config import RouterConfig
-from router.picker import pick_decode
+from router.picker import pick_decode, prefill_load
 from router.prefix import hash_blocks
 from router.registry import Replica
 
@@ -55,3 +60,15 @@ def pick_local_prefill(decode_replicas: Sequence[Replica], prompt_ids: Sequence[
         return None
     uncached = len(prompt_ids) - cached_tokens(best, prompt_ids, cfg.block_size)
     return best if uncached <= limit else None
+
+
+def pick_colocated(prefill_ready: Sequence[Replica], decode_ready: Sequence[Replica],
+                   max_imbalance: int) -> Replica | None:
+    """Colocated mode: the PREFILL-role replica to use; None unless every candidate has a twin."""
+    twins = {r.address: r for r in decode_ready}
+    if not prefill_ready or any(p.address not in twins for p in prefill_ready):
+        return None
+    floor = min(prefill_load(p) for p in prefill_ready)
+    close = [p for p in prefill_ready if prefill_load(p) <= floor + max_imbalance]
+    best = pick_decode([twins[p.address] for p in close])
+    return next((p for p in close if best is not None and p.address == best.address), None)
