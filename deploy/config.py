@@ -396,6 +396,9 @@ def _cross_check(cfg: DeployConfig) -> list[Issue]:
         out += _check_scaling(name, pool.replicas, pool.autoscaling)
         if cfg.model.max_model_len is not None:
             out += _check_capacity(name, pool.num_kv_blocks, cfg.model)
+    if cfg.serving_mode == "colocated" and cfg.decode.autoscaling is not None:
+        out.append(Issue("decode.autoscaling", "not supported with serving_mode: colocated yet; "
+                         "set a fixed decode.replicas"))
     tls = cfg.router.tls
     if (tls.cert is None) != (tls.key is None):
         out.append(Issue("router.tls", "cert and key must be set together"))

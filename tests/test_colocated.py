@@ -33,6 +33,8 @@ def test_config_keys_parse_and_are_checked() -> None:
         parse_config({"serving_mode": "mixed"}, "t")
     with pytest.raises(ConfigError, match=r"decode.cpu_affinity\[1\]: expected an integer >= 0"):
         parse_config({"decode": {"cpu_affinity": [0, -1]}}, "t")
+    with pytest.raises(ConfigError, match="decode.autoscaling: not supported with serving_mode: colocated"):
+        parse_config({"serving_mode": "colocated", "decode": {"autoscaling": {}}}, "t")
 
 
 def _config(path: Path, mode: str, **sections: dict[str, object]) -> DeployConfig:
