@@ -225,16 +225,31 @@ def measure_steps(cfg: TrainConfig, model: LlamaForCausalLM, tokens: torch.Tenso
     return steps
 
 
-def train(cfg: TrainConfig, out_dir: Path, work_dir: Path, resume: bool) -> None:
-    torch.manual_seed(cfg.seed)
+def prepare(cfg: TrainConfig) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """Split, train the tokenizer, encode -> (tokenizer, train ids [N], val ids [M])."""
     train_docs, val_docs = split_documents(cfg.val_fraction, cfg.seed)
     tok = train_tokenizer(train_docs, cfg.vocab_size)
-    eos_id = eos_id_of(tok)
     train_ids, val_ids = encode_corpus(tok, train_docs), encode_corpus(tok, val_docs)
     log.info("docs train=%d val=%d tokens train=%d val=%d vocab=%d eos=%d", len(train_docs),
-             len(val_docs), train_ids.numel(), val_ids.numel(), tok.get_vocab_size(), eos_id)
-    model = build_model(cfg, eos_id)
+             len(val_docs), train_ids.numel(), val_ids.numel(), tok.get_vocab_size(),
+             eos_id_of(tok))
+    return tok, train_ids, val_ids
+
+
+def initial_model(cfg: TrainConfig, tok: Tokenizer, val_ids: torch.Tensor
+                  ) -> tuple[LlamaForCausalLM, float]:
+    """Seeded fresh model and its validation loss (the 'before' figure)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, eos_id_of(tok))
     log.info("params %d", sum(p.numel() for p in model.parameters()))
+    val0 = evaluate(model, val_ids, cfg.context)
+    log.info("before: val_loss %.4f ppl %.1f", val0, math.exp(val0))
+    return model, val0
+
+
+def train(cfg: TrainConfig, out_dir: Path, work_dir: Path, resume: bool) -> None:
+    tok, train_ids, val_ids = prepare(cfg)
+    model, val0 = initial_model(cfg, tok, val_ids)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -249,20 +264,31 @@ def train(cfg: TrainConfig, out_dir: Path, work_dir: Path, resume: bool) -> None
         log.info("resumed at step %d of %d", step, total)
     if total == 0:
         total = measure_steps(cfg, model, train_ids)
-    metrics = work_dir / "metrics.jsonl"
     if step == 0:
-        metrics.unlink(missing_ok=True)
-        ckpt.with_name("best.pt").unlink(missing_ok=True)
-    val0 = evaluate(model, val_ids, cfg.context)
-    log.info("before: val_loss %.4f ppl %.1f", val0, math.exp(val0))
-    run_steps(cfg, model, opt, gen, train_ids, val_ids, step, total, ckpt, metrics)
-    best = torch.load(ckpt.with_name("best.pt"), weights_only=True)
-    log.info("final step %d; exporting best val step %d (val_loss %.4f)", total, best["step"],
-             best["val_loss"])
+        (work_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (work_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (work_dir / "best.pt").unlink(missing_ok=True)
+    run_steps(cfg, model, opt, gen, train_ids, val_ids, step, total, ckpt,
+              work_dir / "metrics.jsonl")
+    export_best(cfg, model, tok, val_ids, out_dir, work_dir, val0)
+
+
+def export_best(cfg: TrainConfig, model: LlamaForCausalLM, tok: Tokenizer, val_ids: torch.Tensor,
+                out_dir: Path, work_dir: Path, val0: float) -> None:
+    """Load work_dir/best.pt (lowest validation loss so far), plot, sample and save."""
+    best = torch.load(work_dir / "best.pt", weights_only=True)
+    log.info("exporting best val step %d (val_loss %.4f)", best["step"], best["val_loss"])
     model.load_state_dict(best["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_metrics(metrics, out_dir / "loss_curve.png")
+    plot_metrics(work_dir / "metrics.jsonl", out_dir / "loss_curve.png")
     finish(cfg, model, tok, val_ids, out_dir, val0)
+
+
+def export_only(cfg: TrainConfig, out_dir: Path, work_dir: Path) -> None:
+    """Recover a run that was stopped: export its best checkpoint without training further."""
+    tok, _, val_ids = prepare(cfg)
+    model, val0 = initial_model(cfg, tok, val_ids)
+    export_best(cfg, model, tok, val_ids, out_dir, work_dir, val0)
 
 
 def run_steps(cfg: TrainConfig, model: LlamaForCausalLM, opt: torch.optim.Optimizer,
@@ -353,6 +379,8 @@ def parse_args() -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--out-dir", type=Path, default=HERE)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/pdserve_default_model"))
     p.add_argument("--resume", action="store_true", help="continue from --work-dir/ckpt.pt")
+    p.add_argument("--export-only", action="store_true",
+                   help="save --work-dir/best.pt to --out-dir without training")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw --out-dir/loss_curve.png from --work-dir/metrics.jsonl")
     a = p.parse_args()
@@ -371,9 +399,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[
         logging.StreamHandler(), logging.FileHandler(work_dir / "train.log")])
     torch.set_num_threads(cfg.threads)
-    (work_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     log.info("config %s", asdict(cfg))
-    train(cfg, out_dir, work_dir, args.resume)
+    if args.export_only:
+        export_only(cfg, out_dir, work_dir)
+    else:
+        train(cfg, out_dir, work_dir, args.resume)
 
 
 if __name__ == "__main__":
