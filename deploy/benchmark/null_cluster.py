@@ -39,6 +39,9 @@ from router.server import RouterServer
 
 VOCAB = 32000
 BLOCK_SIZE = 16
+# Separate processes under full load: a worker's loop can be busy for a while, and a replica silent
+# for 3 heartbeats is forgotten (requests then fail UNAVAILABLE), so beat less eagerly than tests do.
+PROCESS_HEARTBEAT_S = 1.0
 
 
 class NullPrefill(worker_pb2_grpc.PrefillWorkerServicer):
@@ -176,11 +179,11 @@ async def start_null_cluster(decode: DecodeMode = 1, max_inflight: int = 4096,
     return cluster
 
 
-async def _serve(role: str, registry: str, decode: DecodeMode) -> None:
-    router = await start_null_router() if role in ("router", "both") else None
+async def _serve(role: str, registry: str, decode: DecodeMode, heartbeat: float) -> None:
+    router = await start_null_router(heartbeat_seconds=heartbeat) if role in ("router", "both") else None
     workers = []
     if role in ("workers", "both"):
-        workers = await start_null_workers(router.internal_address if router else registry, decode)
+        workers = await start_null_workers(router.internal_address if router else registry, decode, heartbeat)
     if router is not None:
         if workers:
             await wait_serving(router, 30.0)
@@ -196,10 +199,11 @@ def main() -> None:
     p.add_argument("--role", choices=("router", "workers", "both"), default="both")
     p.add_argument("--registry", default="", help="workers: the router's registry host:port")
     p.add_argument("--decode", default="1", help='"engine" or tokens per message')
+    p.add_argument("--heartbeat", type=float, default=PROCESS_HEARTBEAT_S)
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     decode: DecodeMode = args.decode if args.decode == "engine" else int(args.decode)
-    asyncio.run(_serve(args.role, args.registry, decode))
+    asyncio.run(_serve(args.role, args.registry, decode, args.heartbeat))
 
 
 if __name__ == "__main__":
