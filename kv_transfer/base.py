@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 MAX_REQUEST_BYTES = 1 << 20  # a PullRequest larger than this is rejected unread
 MAX_SEGMENTS = 64  # payload messages per pull
+MAX_TRACKED_STATES = 4096  # per puller; the oldest transfer states are dropped first
 
 
 class TransferError(RuntimeError):
@@ -207,12 +208,18 @@ class KVPuller(ABC):
         if self._states.get(request_id) is not TransferState.FAILED:
             self._states[request_id] = state
 
+    def _start_state(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+        while len(self._states) >= MAX_TRACKED_STATES:  # oldest first: bounded without forget()
+            del self._states[next(iter(self._states))]
+        self._states[request_id] = TransferState.PENDING
+
     async def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], timeout: float) -> None:
         """Pulls every prefill rank's share of handle into kv[dst_block_ids] (same order)."""
         from kv_transfer.reshard import plan_pulls
 
         rid = handle.request_id
-        self._states[rid] = TransferState.PENDING
+        self._start_state(rid)
         try:
             self._check_handle(handle, dst_block_ids)
             plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads)
