@@ -14,7 +14,7 @@ from deploy.config import ConfigError, DeployConfig
 from deploy.serve_app import DECODE_APP, PREFILL_APP
 from router.client import get_status
 from tests.e2e import RunningCluster, running_cluster, small_config
-from tests.test_autoscale import SCALE_UP_WITHIN, Load, _wait_for
+from tests.test_autoscale import HEARTBEAT, SCALE_UP_WITHIN, Load, _wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -61,6 +61,7 @@ def _replica_ids(address: str) -> set[str]:
 def applied(hf_checkpoint: Callable[[str], Path]) -> Iterator[RunningCluster]:
     cfg = small_config(
         str(hf_checkpoint("llama")),
+        router={"heartbeat_seconds": HEARTBEAT},
         prefill={"tensor_parallel_size": 1},
         decode={"num_kv_blocks": 128, "max_num_seqs": 4,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target": 0.5,

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 SCALE_UP_WITHIN = 120.0
 SCALE_DOWN_WITHIN = 60.0
+HEARTBEAT = 0.5  # also the metrics push period; 3 missed beats forget a replica, so not too short
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -92,6 +93,7 @@ def scaling_cluster(hf_checkpoint: Callable[[str], Path]) -> Iterator[RunningClu
     fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0}
     cfg = small_config(
         str(hf_checkpoint("llama")),
+        router={"heartbeat_seconds": HEARTBEAT},
         prefill={"tensor_parallel_size": 1, "max_num_batched_tokens": 32,
                  "autoscaling": {**fast, "target": 500}},
         decode={"num_kv_blocks": 128, "max_num_seqs": 4, "autoscaling": {**fast, "target": 0.5}},

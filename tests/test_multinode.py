@@ -141,6 +141,7 @@ async def _scenario(address: str, model: str) -> dict[str, Any]:
     from tests.e2e import small_config
 
     cfg = small_config(model, ray={"address": address, "namespace": "pdserve-multinode"},
+                       router={"heartbeat_seconds": 1.0},  # a loaded machine must not lose a replica
                        prefill={"tensor_parallel_size": 1, "resources": {"num_cpus": 0.25, "custom": {"prefill_node": 1}}},
                        decode={"resources": {"num_cpus": 0.25, "custom": {"decode_node": 1}}})
     cluster = Cluster(cfg)
