@@ -135,6 +135,12 @@ def _quiet_logs() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the load generator parses its own options (many start with --)
+        _quiet_logs()
+        from deploy.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_logs()
     try:

@@ -47,7 +47,8 @@ class RouterService:
     async def get_status(self, request: router_pb2.StatusRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.StatusResponse:
         await self._authorize(context)
-        return build_status(self.deps.registry, self.deps.admission)
+        config = self.deps.config
+        return build_status(self.deps.registry, self.deps.admission, config.vocab_size, config.context_len)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Generate parses its request with RequestParser (bad UTF-8 -> INVALID_ARGUMENT)."""

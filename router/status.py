@@ -37,9 +37,12 @@ def _pool(replicas: Sequence[Replica], now: float) -> router_pb2.PoolStatus:
     return pool
 
 
-def build_status(registry: Registry, admission: Admission) -> router_pb2.StatusResponse:
+def build_status(registry: Registry, admission: Admission, vocab_size: int = 0,
+                 context_len: int = 0) -> router_pb2.StatusResponse:
     now = registry.clock()
     return router_pb2.StatusResponse(
+        vocab_size=vocab_size,
+        context_len=context_len,
         prefill=_pool(registry.pool(PREFILL), now),
         decode=_pool(registry.pool(DECODE), now),
         inflight_requests=admission.inflight,

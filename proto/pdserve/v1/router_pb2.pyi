@@ -141,20 +141,24 @@ class PoolStatus(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., ready_replicas: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_leased: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "inflight_requests", "queued_prompt_tokens", "serving", "scaling_decisions")
+    __slots__ = ("prefill", "decode", "inflight_requests", "queued_prompt_tokens", "serving", "scaling_decisions", "vocab_size", "context_len")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     SCALING_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     prefill: PoolStatus
     decode: PoolStatus
     inflight_requests: int
     queued_prompt_tokens: int
     serving: bool
     scaling_decisions: _containers.RepeatedCompositeFieldContainer[ScalingDecision]
-    def __init__(self, prefill: _Optional[_Union[PoolStatus, _Mapping]] = ..., decode: _Optional[_Union[PoolStatus, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., serving: _Optional[bool] = ..., scaling_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ...) -> None: ...
+    vocab_size: int
+    context_len: int
+    def __init__(self, prefill: _Optional[_Union[PoolStatus, _Mapping]] = ..., decode: _Optional[_Union[PoolStatus, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., serving: _Optional[bool] = ..., scaling_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., context_len: _Optional[int] = ...) -> None: ...
 
 class ScalingDecision(_message.Message):
     __slots__ = ("pool", "time", "from_replicas", "to_replicas", "reason")
