@@ -1,0 +1,238 @@
+"""Prefill/decode interference: disaggregated vs colocated on the same cores, model and workload.
+
+    python benchmarks/disagg_vs_colocated.py [--rates 0.75,1.5] [--num-requests 40] [--out DIR]
+
+Both deployments get the same two cores (--cores, default 0,1) and the same model:
+  disaggregated: one prefill replica (TP=1) pinned to core A, one decode replica pinned to core B,
+                 KV moved over UCX;
+  colocated:     two colocated replicas (`serving_mode: colocated`), each pinned to both cores; each
+                 engine chunk-prefills new prompts (--chunk tokens per step) between decode steps,
+                 as a plain vLLM server does.
+Each is started with `pdserve up` in its own process and loaded with `pdserve bench` code
+(deploy.benchmark): the mixed dataset (long-prompt/short-answer and short-prompt/long-answer
+requests, seeded) as Poisson arrivals at each --rates value. Reported: p99 ITL and goodput at the
+TTFT+TPOT SLO per rate, their disaggregated/colocated ratios, and goodput at tighter and looser
+SLOs (the SLO scaled by 0.5..4, from the same records). The router and the bench client are not
+pinned: they share the cores with the workers in both runs alike.
+
+Model: deploy/default_model when its checkpoint exists, else a random-weight Llama of the same shape
+(hidden 256, 4 layers, 8 heads, 4 KV heads; 2048 positions) written with engine.make_model's parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.benchmark.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
+from deploy.benchmark.report import format_table, write_json  # noqa: E402
+from deploy.benchmark.runner import RunResult, run_bench  # noqa: E402
+from deploy.benchmark.stats import meets_slo  # noqa: E402
+from deploy.config import DEFAULT_MODEL_DIR  # noqa: E402
+from engine.config import load_config as load_model_config  # noqa: E402
+
+MODES = ("disaggregated", "colocated")
+SLO_SCALES = (0.5, 1.0, 2.0, 4.0)
+BENCH_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
+
+
+def model_dir(scratch: Path) -> str:
+    """deploy/default_model if trained, else a random model of its shape (longer context)."""
+    if (Path(DEFAULT_MODEL_DIR) / "config.json").exists():
+        return DEFAULT_MODEL_DIR
+    from engine.make_model import config_json, random_weights, write_safetensors, write_tokenizer
+
+    print("deploy/default_model has no checkpoint yet: a random model of its shape", file=sys.stderr)
+    d = scratch / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_json("llama", "tiny") | BENCH_SHAPE))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
+    write_tokenizer(d)
+    write_safetensors(d, random_weights(d, 0), None)
+    return str(d)
+
+
+def deploy_yaml(mode: str, model: str, cores: Sequence[int], chunk: int) -> dict[str, Any]:
+    """The pdserve YAML of one side of the comparison (same model, cores, KV and chunk size)."""
+    a, b = cores
+    common: dict[str, Any] = {
+        "model": {"path": model},
+        "router": {"port": 0, "heartbeat_seconds": 2.0},  # a busy box delays heartbeats
+        "prefill": {"tensor_parallel_size": 1, "max_num_batched_tokens": chunk, "num_kv_blocks": 1024,
+                    "cpu_affinity": [a], "resources": {"num_cpus": 0.25}},
+        "decode": {"replicas": 1, "num_kv_blocks": 1024, "cpu_affinity": [b],
+                   "resources": {"num_cpus": 0.25}},
+    }
+    if mode == "colocated":
+        common["serving_mode"] = "colocated"
+        common["decode"] |= {"replicas": 2, "cpu_affinity": [a, b]}
+    return common
+
+
+@contextmanager
+def pdserve_up(config: Path, attempts: int = 3) -> Iterator[str]:
+    """`pdserve up CONFIG` in its own process (its own Ray); yields the router's address. Retried:
+    on a box shared with other jobs, Ray's start sometimes times out."""
+    cli = "import sys; from deploy.cli import main; sys.exit(main())"
+    env = {"RAY_raylet_start_wait_time_s": "120", **os.environ, "GRPC_VERBOSITY": "ERROR"}
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen([sys.executable, "-c", cli, "up", str(config)], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        address = next((line.split()[4] for line in proc.stdout or ()
+                        if line.startswith("pdserve router listening on ")), None)
+        if address is not None:
+            break
+        print(f"pdserve up exited with {proc.wait()} (attempt {attempt} of {attempts})", file=sys.stderr)
+    else:
+        raise RuntimeError(f"pdserve up failed {attempts} times")
+    try:
+        yield address
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def good_per_s(result: RunResult, slo: SLO) -> float:
+    good = sum(meets_slo(r, slo) for r in result.records)
+    return good / result.stats.duration_s if result.stats.duration_s > 0 else 0.0
+
+
+def scaled(slo: SLO, k: float) -> SLO:
+    return SLO(None if slo.ttft_ms is None else k * slo.ttft_ms, None if slo.tpot_ms is None else k * slo.tpot_ms)
+
+
+def run_row(r: RunResult, slo: SLO) -> dict[str, Any]:
+    s = r.stats
+    return {"rate": r.load.rate, "completed": s.completed, "failed": s.failed,
+            "itl_ms_p50": s.itl_ms["p50"], "itl_ms_p99": s.itl_ms["p99"],
+            "ttft_ms_p50": s.ttft_ms["p50"], "ttft_ms_p99": s.ttft_ms["p99"],
+            "tpot_ms_p50": s.tpot_ms["p50"], "tpot_ms_p99": s.tpot_ms["p99"],
+            "goodput": s.goodput, "good_fraction": s.good_fraction,
+            "request_throughput": s.request_throughput,
+            "goodput_by_slo_scale": {str(k): good_per_s(r, scaled(slo, k)) for k in SLO_SCALES},
+            "client_cpu_utilization": r.overhead.cpu_utilization}
+
+
+def compare(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per rate: p99 ITL colocated / disaggregated and goodput disaggregated / colocated."""
+    out = []
+    for d, c in zip(rows["disaggregated"], rows["colocated"], strict=True):
+        out.append({
+            "rate": d["rate"],
+            "itl_p99_ratio": c["itl_ms_p99"] / d["itl_ms_p99"] if d["itl_ms_p99"] else None,
+            "goodput_ratio": d["goodput"] / c["goodput"] if c["goodput"] else None,
+            "goodput_ratio_by_slo_scale": {
+                k: (d["goodput_by_slo_scale"][k] / c["goodput_by_slo_scale"][k]
+                    if c["goodput_by_slo_scale"][k] else None) for k in d["goodput_by_slo_scale"]},
+        })
+    return out
+
+
+def plot(results: dict[str, list[RunResult]], out: Path, suffix: str = "") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, runs in results.items():
+        for r in runs:
+            itl = sorted(1000 * g for rec in r.records if rec.ok for g in rec.itls())
+            ys = [(i + 1) / len(itl) for i in range(len(itl))]
+            axes[0].plot(itl, ys, label=f"{mode} @ {r.load.rate:g} req/s")
+        axes[1].plot([r.load.rate for r in runs], [r.stats.goodput for r in runs], marker="o", label=mode)
+    axes[0].set_xscale("log")
+    axes[0].set(xlabel="inter-token latency (ms, log)", ylabel="CDF", title="ITL")
+    axes[1].set(xlabel="offered rate (req/s)", ylabel="goodput (req/s)", title="goodput at the SLO")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"disagg_vs_colocated{suffix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="0.75,1.5", help="Poisson request rates, req/s")
+    p.add_argument("--num-requests", type=int, default=40, help="per rate")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--input-len", type=int, default=1024, help="long prompts")
+    p.add_argument("--output-len", type=int, default=128, help="long answers")
+    p.add_argument("--short-len", type=int, default=16, help="short prompts and short answers")
+    p.add_argument("--chunk", type=int, default=512, help="prefill tokens per engine step")
+    p.add_argument("--cores", default="0,1")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=40.0)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeat", type=int, default=1, help="runs of each mode, alternating the order")
+    p.add_argument("--out", default="bench-out/disagg_vs_colocated")
+    return p.parse_args()
+
+
+def run_mode(mode: str, model: str, scratch: Path, args: argparse.Namespace, cfg: BenchConfig) -> list[RunResult]:
+    config = scratch / f"{mode}.yaml"
+    config.write_text(yaml.safe_dump(deploy_yaml(mode, model, [int(c) for c in args.cores.split(",")], args.chunk)))
+    with pdserve_up(config) as address:
+        return asyncio.run(run_bench(dataclasses.replace(cfg, address=address)))
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    loads = tuple(Load(float(r)) for r in args.rates.split(","))
+    modes = args.modes.split(",")
+    repeats: list[dict[str, Any]] = []
+    results: dict[str, list[RunResult]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        model = model_dir(Path(scratch))
+        dataset = DatasetConfig("mixed", input_len=args.input_len, output_len=args.output_len,
+                                short_len=args.short_len, range_ratio=0.25,
+                                vocab_size=load_model_config(model).vocab_size)
+        cfg = BenchConfig(address="", loads=loads, dataset=dataset, num_requests=args.num_requests,
+                          warmup=args.warmup, slo=slo)
+        for i in range(args.repeat):
+            rows: dict[str, list[dict[str, Any]]] = {}
+            for mode in (modes if i % 2 == 0 else modes[::-1]):
+                load_before = os.getloadavg()[0]
+                results[mode] = run_mode(mode, model, Path(scratch), args, cfg)
+                print(f"== {mode} (repeat {i})\n{format_table(results[mode])}", flush=True)
+                write_json(out / f"{mode}-{i}.json", dataclasses.replace(cfg, address=mode), results[mode])
+                rows[mode] = [run_row(r, slo) | {"loadavg_1m_before": load_before,
+                                                 "loadavg_1m_after": os.getloadavg()[0]}
+                              for r in results[mode]]
+            repeats.append({"runs": rows, "ratios": compare(rows) if len(rows) == 2 else []})
+            plot(results, out, suffix=f"-{i}")
+    summary = {"model": model, "cores": args.cores, "chunk": args.chunk,
+               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+               "dataset": {"input_len": args.input_len, "output_len": args.output_len, "short_len": args.short_len},
+               "repeats": repeats}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps([r["ratios"] for r in repeats], indent=1))
+
+
+if __name__ == "__main__":
+    main()
