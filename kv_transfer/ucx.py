@@ -65,6 +65,7 @@ async def _within(deadline: float | None, aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, max(1e-3, deadline - time.monotonic()))
 
 
+MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
 
 
@@ -141,12 +142,17 @@ class UCXSource(KVSource):
             await send_message(ep, refuse("request too large").response.SerializeToString())
             return False
         answer = self.answer(data)
+        target = ep
+        if answer.response.ok and answer.request is not None and answer.request.reply_address:
+            try:
+                target = await self._data_ep(answer.request.reply_address)
+            except Exception as e:  # noqa: BLE001 - the peer's address is bad, not the source
+                answer = refuse(f"bad reply_address: {type(e).__name__}")
         reply = send_message(ep, answer.response.SerializeToString())
         if not answer.response.ok or answer.request is None:
             await reply
             return True
         req = answer.request
-        target = await self._data_ep(req.reply_address) if req.reply_address else ep
         sends = [
             target.send(as_buffer(t), tag=(req.tag + i) % 2**64, force_tag=True)
             for i, t in enumerate(answer.tensors)
@@ -162,6 +168,10 @@ class UCXSource(KVSource):
     async def _data_ep(self, address: bytes) -> Any:
         ep = self._data_eps.get(address)
         if ep is None:
+            own = ucxx.get_worker_address().tobytes()
+            # UCX asserts (aborts the process) on an unknown address version: check it first.
+            if not 0 < len(address) <= MAX_ADDRESS_BYTES or address[0] & 0x0F != own[0] & 0x0F:
+                raise ValueError("not a UCX worker address of this UCX version")
             ucx_address = ucxx.get_ucx_address_from_buffer(address)
             ep = await ucxx.create_endpoint_from_worker_address(ucx_address, endpoint_error_handling=False)
             self._data_eps[address] = ep

@@ -220,6 +220,10 @@ def test_hostile_requests_rejected(cluster: Cluster) -> None:
             kv_pb2.PullRequest(request_id="d", block_ids=[1, 9999], head_end=H).SerializeToString(),
             kv_pb2.PullRequest(request_id="d", block_ids=[1], head_start=3, head_end=99).SerializeToString(),
         ]
+        if cluster.backend == "ucx":  # a malformed worker address must not reach UCX's asserts
+            for address in (b"\xff\xfe garbage", b"\x20" + b"\xff" * 200):
+                req = kv_pb2.PullRequest(request_id="d", block_ids=[1], head_end=H, reply_address=address)
+                bad.append(req.SerializeToString())
         for data in bad:
             response = await raw_exchange(cluster.backend, ep, data)
             assert not response.ok and response.error, data
