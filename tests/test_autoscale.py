@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 SCALE_UP_WITHIN = 120.0
 SCALE_DOWN_WITHIN = 60.0
-HEARTBEAT = 0.5  # also the metrics push period; 3 missed beats forget a replica, so not too short
+HEARTBEAT = 1.0  # also the metrics push period; 3 missed beats forget a replica, so not too short
 
 
 def _prompt(n: int, seed: int) -> list[int]:

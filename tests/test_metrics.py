@@ -34,7 +34,7 @@ def _total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) ->
 
 @pytest.fixture(scope="module")
 def metered(hf_checkpoint: Callable[[str], Path]) -> Iterator[RunningCluster]:
-    cfg = small_config(str(hf_checkpoint("llama")), router={"metrics_port": 0, "heartbeat_seconds": 0.5},
+    cfg = small_config(str(hf_checkpoint("llama")), router={"metrics_port": 0, "heartbeat_seconds": 1.0},
                        prefill={"tensor_parallel_size": 1})
     with running_cluster(cfg) as cl:
         yield cl
