@@ -84,7 +84,7 @@ class RouterConfig:
     max_queued_prompt_tokens: int = opt(65536, "prompt tokens waiting for prefill before "
                                         "admission refuses new requests", ge=1)
     default_max_tokens: int = opt(256, "`max_tokens` of a request that sets none", ge=1)
-    heartbeat_seconds: float = opt(0.5, "replica heartbeat period; a replica silent for 3 "
+    heartbeat_seconds: float = opt(1.0, "replica heartbeat period; a replica silent for 3 "
                                    "periods is forgotten", gt=0)
     api_keys: tuple[str, ...] = opt((), "accepted `authorization: Bearer <key>` values; "
                                     "empty = no auth")

@@ -175,7 +175,7 @@ def test_defaults() -> None:
     assert cfg.model.path == DEFAULT_MODEL_DIR and Path(DEFAULT_MODEL_DIR).parent.name == "deploy"
     assert (cfg.model.dtype, cfg.model.block_size, cfg.model.max_model_len) == ("float32", 16, None)
     assert (cfg.router.host, cfg.router.port, cfg.router.api_keys) == ("127.0.0.1", 50051, ())
-    assert cfg.router.tls.cert is None and cfg.router.heartbeat_seconds == 0.5
+    assert cfg.router.tls.cert is None and cfg.router.heartbeat_seconds == 1.0
     assert (cfg.prefill.tensor_parallel_size, cfg.prefill.replicas, cfg.prefill.device) == (2, 1, "cpu")
     assert cfg.prefill.resources.num_cpus == 0.5 and cfg.prefill.autoscaling is None
     assert (cfg.decode.tensor_parallel_size, cfg.decode.quantization) == (1, "none")

@@ -50,7 +50,7 @@ def _blocks_all_free(address: str) -> bool:
     return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
 
 
-def _wait_free(address: str, within: float, heartbeat: float = 0.25) -> float:
+def _wait_free(address: str, within: float, heartbeat: float = 0.5) -> float:
     """Seconds until every block is free; the state must hold across two heartbeats (not a stale one)."""
     start = time.monotonic()
     while True:
