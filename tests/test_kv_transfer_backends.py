@@ -273,3 +273,36 @@ def test_dead_source_fails_within_timeout(backend: str) -> None:
         await puller.close()
 
     asyncio.run(main())
+
+
+def puller_then_die(backend: str, handle_wire: bytes) -> None:
+    """Child process: pulls once (so the source holds a connection to it), then dies abruptly."""
+    import os
+
+    handle = KVHandle.from_proto(kv_pb2.KVHandle.FromString(handle_wire))
+
+    async def main() -> None:
+        puller = make_puller(backend, 0, 1)
+        await puller.pull(handle, list(range(handle.num_blocks)), timeout=30)
+        os._exit(0)
+
+    asyncio.run(main())
+
+
+def test_dead_puller_leaves_source_serving(cluster: Cluster) -> None:
+    handle = cluster.lease(["tp1"], "h", [6, 7, 8])
+    proc = mp.get_context("spawn").Process(
+        target=puller_then_die, args=(cluster.backend, handle.to_proto().SerializeToString())
+    )
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+
+    async def main() -> None:
+        puller = make_puller(cluster.backend, 0, 1)
+        await puller.pull(cluster.lease(["tp1"], "h2", [9, 10]), [0, 1], timeout=30)
+        assert torch.equal(puller.kv[[0, 1]], make_kv("tp1")[[9, 10]])
+        await puller.close()
+
+    asyncio.run(main())
+    assert all(p.is_alive() for p in cluster.procs)
