@@ -159,8 +159,12 @@ class UCXSource(KVSource):
         ]
         try:
             await asyncio.wait_for(asyncio.gather(reply, *sends), self.config.send_timeout)
+        except asyncio.TimeoutError:
+            # The puller gave up and cancelled its receives: abandon these sends (and their staging
+            # buffers) but keep the data endpoint, which that puller's other pulls share.
+            raise
         except BaseException:
-            self._drop_data_ep(req.reply_address)  # staging buffers are dropped, not reused
+            self._drop_data_ep(req.reply_address)
             raise
         answer.sent()
         return True
