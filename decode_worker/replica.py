@@ -75,6 +75,7 @@ class DecodeReplica:
             self.engine, self._pull, self._release, self.cfg.transfer_timeout_seconds,
             self.cfg.admission_wait_seconds,
         )
+        service.pull_chunk = self._pull_chunk
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, self.server)
         port = self.server.add_insecure_port(f"{self.cfg.host}:0")
@@ -101,6 +102,14 @@ class DecodeReplica:
         await self.puller.pull(handle, blocks, timeout)
         block_bytes = self.engine.engine.kv[0].nbytes  # one block: all layers, K and V
         self.pulls.observe(time.perf_counter() - start, len(blocks) * block_bytes)
+
+    async def _pull_chunk(self, handle: KVHandle, first_block: int, blocks: list[int], timeout: float) -> int | None:
+        """One chunk of a streamed handle (its latency includes waiting for prefill to compute it)."""
+        assert self.puller is not None and self.engine is not None
+        start = time.perf_counter()
+        first = await self.puller.pull_chunk(handle, first_block, blocks, timeout)
+        self.pulls.observe(time.perf_counter() - start, len(blocks) * self.engine.engine.kv[0].nbytes)
+        return first
 
     async def _release(self, prefill_address: str, request_id: str) -> None:
         """Tells the prefill replica to free its lease; failures only shorten nothing (the lease expires)."""

@@ -29,7 +29,7 @@ import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.engine import StepOutput
+from engine.engine import LLMEngine, StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle
@@ -43,6 +43,7 @@ FINISH = {
 }
 
 Pull = Callable[[KVHandle, list[int], float], Awaitable[None]]
+PullChunk = Callable[[KVHandle, int, list[int], float], Awaitable[int | None]]  # -> first token or None
 Release = Callable[[str, str], Awaitable[None]]
 
 
@@ -84,6 +85,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.admission_wait = admission_wait
         self.active: set[str] = set()
         self.pull_delay = 0.0  # fault injection (tests, drills): seconds each pull waits first
+        self.pull_chunk: PullChunk | None = None  # streamed handles (kv_transfer.streaming)
 
     async def Decode(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -119,6 +121,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise ValueError(f"kv.request_id {handle.request_id!r} is not the request's id")
         if handle.num_tokens != len(request.prompt_token_ids):
             raise ValueError(f"kv.num_tokens {handle.num_tokens} != {len(request.prompt_token_ids)} prompt tokens")
+        if request.kv.stream_chunk_blocks and self.pull_chunk is None:
+            raise ValueError("a streamed KVHandle, but this replica cannot pull chunk by chunk")
         if not 0 <= request.first_token < vocab:
             raise ValueError(f"first_token {request.first_token} is outside the vocabulary [0, {vocab})")
 
@@ -137,7 +141,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens")
             stream = self.engine.open_stream(rid)
             await asyncio.sleep(self.pull_delay)
-            await self.pull(handle, list(blocks), _bounded(self.transfer_timeout, context))
+            if request.kv.stream_chunk_blocks:
+                first = await self._pull_streamed(handle, list(blocks), request.kv.stream_chunk_blocks, context)
+                await self.engine.call(lambda: _set_first_token(inner, rid, first))
+            else:
+                await self.pull(handle, list(blocks), _bounded(self.transfer_timeout, context))
             await self.engine.call(lambda: inner.resume(rid))
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
@@ -148,6 +156,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         finally:
             await self.release(request.prefill_address, rid)
         return stream
+
+    async def _pull_streamed(self, handle: KVHandle, blocks: list[int], chunk: int,
+                             context: grpc.aio.ServicerContext) -> int:
+        """Pulls a streamed handle chunk by chunk, in order (each pull waits at the source until the
+        chunk is computed; the timeout applies per chunk); returns the prefill's first token."""
+        assert self.pull_chunk is not None
+        first = None
+        for start in range(0, len(blocks), chunk):
+            dst = blocks[start : start + chunk]
+            first = await self.pull_chunk(handle, start, dst, _bounded(self.transfer_timeout, context))
+        vocab = self.engine.engine.model_config.vocab_size
+        if first is None or not 0 <= first < vocab:
+            raise TransferError(f"the last chunk's pull carried no valid first token ({first})")
+        return first
 
     async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
         deadline = time.monotonic() + self.admission_wait
@@ -166,6 +188,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             yield message
             if message.finish_reason != worker_pb2.FINISH_NONE:
                 return
+
+
+def _set_first_token(engine: LLMEngine, rid: str, token: int) -> None:
+    """Streamed hand-off: the first token arrives with the last chunk, after add_prefilled."""
+    engine.requests[rid].output_token_ids = [token]
 
 
 class EngineFailed(RuntimeError):

@@ -46,7 +46,7 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
         max_queued_prompt_tokens=r.max_queued_prompt_tokens,
         default_max_tokens=r.default_max_tokens, heartbeat_seconds=r.heartbeat_seconds,
         api_keys=r.api_keys, tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
-        migration=r.migration, local_prefill_max_tokens=(
+        migration=r.migration, kv_streaming=cfg.kv_transfer.streaming, local_prefill_max_tokens=(
             cfg.decode.local_prefill_max_tokens if cfg.serving_mode == "disaggregated" else 0),
     )
 

@@ -171,6 +171,9 @@ class KVTransferConfig:
     lease_seconds: float = opt(30.0, "prefill keeps a request's KV blocks this long for the pull",
                                gt=0)
     timeout_seconds: float = opt(10.0, "decode gives up on a pull after this long", gt=0)
+    streaming: bool = opt(False, "chunk-wise KV streaming: decode pulls each prefill chunk's KV "
+                          "while the next chunk is computed (`prefill.max_num_batched_tokens` "
+                          "per pull), hiding the transfer behind prefill")
     host: str = opt("127.0.0.1", "interface KV sources bind to (`auto` = this node's IP as Ray "
                     "reports it; needed across nodes)", nonempty=True)
 

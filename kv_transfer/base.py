@@ -14,7 +14,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MAX_REQUEST_BYTES = 1 << 20  # a PullRequest larger than this is rejected unread
 MAX_SEGMENTS = 64  # payload messages per pull
 MAX_TRACKED_STATES = 4096  # per puller; the oldest transfer states are dropped first
+STREAM_POLL_SECONDS = 0.0005  # how often a source re-checks a streamed pull's blocks
 
 
 class TransferError(RuntimeError):
@@ -74,6 +75,15 @@ def refuse(error: str) -> Answer:
     return Answer(kv_pb2.PullResponse(ok=False, error=error))
 
 
+@dataclass(frozen=True, slots=True)
+class StreamedLease:
+    """What a source knows of a request still being prefilled (see KVSource.stream_lease)."""
+
+    block_ids: tuple[int, ...]  # the request's block table so far, token order
+    ready_blocks: int  # leading blocks whose KV is computed
+    first_token: int | None  # set once the prefill ended
+
+
 class KVSource(ABC):
     """Prefill side: serves one TP rank's KV blocks to decode ranks.
 
@@ -92,6 +102,7 @@ class KVSource(ABC):
         self.tp_size = tp_size
         self.num_kv_heads = num_kv_heads
         self._leases: dict[str, tuple[frozenset[int], float]] = {}
+        self._streams: dict[str, StreamedLease] = {}  # streamed leases: blocks computed so far
         self._fail_next = 0
         self._lock = threading.Lock()  # torch_dist serves from threads
         self.pool = _pool()
@@ -116,6 +127,41 @@ class KVSource(ABC):
     def unlease(self, request_id: str) -> None:
         with self._lock:
             self._leases.pop(request_id, None)
+            self._streams.pop(request_id, None)
+
+    def stream_lease(self, request_id: str, block_ids: Sequence[int], ready_blocks: int, expiry: float,
+                     first_token: int | None = None) -> None:
+        """A streamed lease (kv_transfer.streaming): the request's block table so far, of which the
+        first ready_blocks hold computed KV; first_token once the prefill ended. Called again as the
+        prefill advances; pulls by index (PullRequest.by_index) are answered once their blocks are
+        ready."""
+        self.lease(request_id, block_ids, expiry)
+        with self._lock:
+            self._streams[request_id] = StreamedLease(tuple(block_ids), ready_blocks, first_token)
+
+    async def wait_ready(self, data: bytes, timeout: float) -> None:
+        """Returns once a by_index PullRequest's blocks are computed (or it cannot be: no lease,
+        malformed, timeout); answer() then answers or refuses it. Other requests return at once."""
+        deadline = time.monotonic() + timeout
+        while not self._ready_or_hopeless(data) and time.monotonic() < deadline:
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+
+    def wait_ready_blocking(self, data: bytes, timeout: float) -> None:
+        """wait_ready for backends that serve from threads."""
+        deadline = time.monotonic() + timeout
+        while not self._ready_or_hopeless(data) and time.monotonic() < deadline:
+            time.sleep(STREAM_POLL_SECONDS)
+
+    def _ready_or_hopeless(self, data: bytes) -> bool:
+        try:
+            req = kv_pb2.PullRequest.FromString(data)
+        except Exception:  # noqa: BLE001 - answer() refuses it
+            return True
+        if not req.by_index:
+            return True
+        with self._lock:
+            stream = self._streams.get(req.request_id)
+        return stream is None or max(req.block_ids, default=0) < stream.ready_blocks
 
     def leased_blocks(self) -> int:
         """Blocks under a lease that has not expired."""
@@ -147,6 +193,12 @@ class KVSource(ABC):
             req = kv_pb2.PullRequest.FromString(data)
         except Exception as e:  # noqa: BLE001 - any decode error is the peer's fault
             return refuse(f"malformed PullRequest: {e}")
+        first_token = None
+        if req.by_index:
+            resolved = self._resolve(req)
+            if isinstance(resolved, str):
+                return refuse(resolved)
+            first_token = resolved
         error = self._check(req)
         if error:
             return refuse(error)
@@ -154,7 +206,23 @@ class KVSource(ABC):
         segments = list(req.segments) or [len(req.block_ids)]
         tensors, staged = source_tensors(self.kv, list(req.block_ids), segments, heads, self.pool)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        return Answer(kv_pb2.PullResponse(ok=True, payload_bytes=nbytes), tensors, req, staged, self.pool)
+        response = kv_pb2.PullResponse(ok=True, payload_bytes=nbytes, first_token=first_token)
+        return Answer(response, tensors, req, staged, self.pool)
+
+    def _resolve(self, req: kv_pb2.PullRequest) -> int | None | str:
+        """Turns a by_index request's indices into block ids (in place). Returns the first token when
+        the request reaches the end of a finished prefill, None otherwise, or an error string."""
+        with self._lock:
+            stream = self._streams.get(req.request_id)
+        if stream is None:
+            return f"no streamed lease for request {req.request_id!r}"
+        indices = list(req.block_ids)
+        if not indices or max(indices) >= stream.ready_blocks:
+            return f"blocks of {req.request_id!r} not computed yet ({stream.ready_blocks} ready)"
+        req.block_ids[:] = [stream.block_ids[i] for i in indices]
+        req.by_index = False
+        ends = max(indices) + 1 == len(stream.block_ids) == stream.ready_blocks
+        return stream.first_token if ends else None
 
     def _check(self, req: kv_pb2.PullRequest) -> str | None:
         with self._lock:
@@ -216,6 +284,26 @@ class KVPuller(ABC):
 
     async def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], timeout: float) -> None:
         """Pulls every prefill rank's share of handle into kv[dst_block_ids] (same order)."""
+        await self._pull(handle, dst_block_ids, timeout, by_index=False)
+
+    async def pull_chunk(self, handle: KVHandle, first_block: int, dst_block_ids: Sequence[int],
+                         timeout: float) -> int | None:
+        """Streamed handle (stream_chunk_blocks > 0, no block ids): pulls the request's blocks
+        [first_block, first_block + len(dst_block_ids)) into kv[dst_block_ids] once the source has
+        computed them (timeout covers the wait). Returns the prefill's first token when this chunk
+        ends the prompt, else None."""
+        n = len(dst_block_ids)
+        end_token = min(handle.num_tokens, (first_block + n) * handle.block_size)
+        chunk = replace(
+            handle,
+            num_tokens=end_token - first_block * handle.block_size,
+            shards=tuple(replace(s, block_ids=tuple(range(first_block, first_block + n))) for s in handle.shards),
+        )
+        responses = await self._pull(chunk, dst_block_ids, timeout, by_index=True)
+        return next((r.first_token for r in responses if r.HasField("first_token")), None)
+
+    async def _pull(self, handle: KVHandle, dst_block_ids: Sequence[int], timeout: float,
+                    by_index: bool) -> list[kv_pb2.PullResponse]:
         from kv_transfer.reshard import plan_pulls
 
         rid = handle.request_id
@@ -224,8 +312,8 @@ class KVPuller(ABC):
             self._check_handle(handle, dst_block_ids)
             plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads)
             deadline = time.monotonic() + timeout
-            coros = [self._pull_plan(handle, p, list(dst_block_ids), deadline) for p in plans]
-            await asyncio.wait_for(_all_or_cancel(coros), timeout)
+            coros = [self._pull_plan(handle, p, list(dst_block_ids), deadline, by_index) for p in plans]
+            responses = await asyncio.wait_for(_all_or_cancel(coros), timeout)
         except Exception as e:
             self._states[rid] = TransferState.FAILED
             if isinstance(e, TransferError):
@@ -234,8 +322,10 @@ class KVPuller(ABC):
                 raise TransferError(f"pull of {rid} timed out after {timeout}s") from e
             raise TransferError(f"pull of {rid} failed: {type(e).__name__}: {e}") from e
         self._states[rid] = TransferState.DONE
+        return responses
 
-    async def _pull_plan(self, handle: KVHandle, plan: PullPlan, dst: list[int], deadline: float) -> None:
+    async def _pull_plan(self, handle: KVHandle, plan: PullPlan, dst: list[int], deadline: float,
+                         by_index: bool = False) -> kv_pb2.PullResponse:
         from kv_transfer.payload import plan_segments
 
         shard = handle.shards[plan.src_rank]
@@ -247,8 +337,9 @@ class KVPuller(ABC):
             head_start=plan.src_heads[0],
             head_end=plan.src_heads[1],
             segments=segments,
+            by_index=by_index,
         )
-        await self._pull_shard(shard.endpoint, req, dst, plan.dst_heads, deadline)
+        return await self._pull_shard(shard.endpoint, req, dst, plan.dst_heads, deadline)
 
     @abstractmethod
     async def _pull_shard(
@@ -258,8 +349,9 @@ class KVPuller(ABC):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,  # time.monotonic() seconds
-    ) -> None:
-        """Sends request to the source at endpoint and lands the payload with payload.Landing."""
+    ) -> kv_pb2.PullResponse:
+        """Sends request to the source at endpoint, lands the payload with payload.Landing and
+        returns the source's (ok) PullResponse."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -286,11 +378,12 @@ def _pool() -> StagingPool:
     return StagingPool()
 
 
-async def _all_or_cancel(coros: list) -> None:
-    """Runs coros concurrently; the first failure cancels the rest and propagates."""
+async def _all_or_cancel(coros: list) -> list:
+    """Runs coros concurrently (their results, in order); the first failure cancels the rest and
+    propagates."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()

@@ -85,11 +85,12 @@ class FakePuller(KVPuller):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,
-    ) -> None:
+    ) -> kv_pb2.PullResponse:
         self._set_state(request.request_id, TransferState.CONNECTING)
         source = self._registry.get(endpoint)
         if self._delay:
             await asyncio.sleep(self._delay)
+        await source.wait_ready(request.SerializeToString(), max(0.0, deadline - time.monotonic()))
         answer = source.answer(request.SerializeToString())
         response = kv_pb2.PullResponse.FromString(answer.response.SerializeToString())
         if not response.ok:
@@ -102,6 +103,7 @@ class FakePuller(KVPuller):
             buf.copy_(tensor)
         answer.sent()
         landing.finish()
+        return response
 
     async def close(self) -> None:
         return None

@@ -179,6 +179,7 @@ class TorchDistSource(KVSource):
         if data is None:
             pair.send_bytes(refuse("request too large").response.SerializeToString(), timeout)
             return False
+        self.wait_ready_blocking(data, timeout)
         answer = self.answer(data)
         pair.send_bytes(answer.response.SerializeToString(), timeout)
         if answer.response.ok:
@@ -217,8 +218,8 @@ class TorchDistPuller(KVPuller):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,
-    ) -> None:
-        await asyncio.to_thread(self._pull_blocking, endpoint, request, dst_block_ids, dst_heads, deadline)
+    ) -> kv_pb2.PullResponse:
+        return await asyncio.to_thread(self._pull_blocking, endpoint, request, dst_block_ids, dst_heads, deadline)
 
     def _pull_blocking(
         self,
@@ -227,7 +228,7 @@ class TorchDistPuller(KVPuller):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,
-    ) -> None:
+    ) -> kv_pb2.PullResponse:
         self._set_state(request.request_id, TransferState.CONNECTING)
         link = self.link(endpoint, deadline)
         with link.lock:
@@ -241,6 +242,7 @@ class TorchDistPuller(KVPuller):
                     raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
                 link.pair.recv_tensors(landing.buffers, deadline)
                 landing.finish()
+                return response
             except TransferError as e:
                 if "refused" not in str(e):
                     self._drop(endpoint, link)

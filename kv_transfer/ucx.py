@@ -141,6 +141,7 @@ class UCXSource(KVSource):
         if data is None:  # oversized: refuse, then drop the connection (the rest is unread)
             await send_message(ep, refuse("request too large").response.SerializeToString())
             return False
+        await self.wait_ready(data, self.config.send_timeout)
         answer = self.answer(data)
         target = ep
         if answer.response.ok and answer.request is not None and answer.request.reply_address:
@@ -210,13 +211,13 @@ class UCXPuller(KVPuller):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,
-    ) -> None:
+    ) -> kv_pb2.PullResponse:
         self._bind_loop()
         async with self._locks.setdefault(endpoint, asyncio.Lock()):
             self._set_state(request.request_id, TransferState.CONNECTING)
             ep = await self._connect(endpoint, deadline)
             try:
-                await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
+                return await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
             except BaseException:
                 self._drop(endpoint)  # cancels receives posted into kv; the next pull reconnects
                 raise
@@ -258,6 +259,7 @@ class UCXPuller(KVPuller):
             for task in (reply, payload):
                 task.cancel()  # no-op when done; the caller's abort cancels the UCX requests
         landing.finish()
+        return response
 
     def _worker_address(self) -> bytes:
         if self._address is None:

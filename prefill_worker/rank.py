@@ -46,6 +46,13 @@ def encode_lease(request_id: str, block_ids: list[int], expiry: float) -> bytes:
     return shard.SerializeToString()
 
 
+def encode_stream_lease(request_id: str, block_ids: list[int], ready_blocks: int, expiry: float) -> bytes:
+    """A streamed lease for a follower rank (num_tokens carries the ready block count)."""
+    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry, num_tokens=ready_blocks)
+    shard.shards.add(block_ids=block_ids)
+    return shard.SerializeToString()
+
+
 class PrefillRank:
     """Ray actor body (wrapped with ray.remote by the replica)."""
 
@@ -79,6 +86,11 @@ class PrefillRank:
         msg = kv_pb2.KVHandle.FromString(lease)
         assert self.source is not None
         self.source.lease(msg.request_id, list(msg.shards[0].block_ids), msg.lease_expiry)
+
+    def stream_lease(self, lease: bytes) -> None:
+        msg = kv_pb2.KVHandle.FromString(lease)
+        assert self.source is not None
+        self.source.stream_lease(msg.request_id, list(msg.shards[0].block_ids), msg.num_tokens, msg.lease_expiry)
 
     def unlease(self, request_id: str) -> None:
         assert self.source is not None

@@ -27,7 +27,13 @@ from engine.quant import weight_bytes
 from kv_transfer import make_source
 from kv_transfer.base import KVSource
 from prefill_worker.config import PrefillWorkerConfig
-from prefill_worker.rank import GroupSpec, PrefillRank, encode_lease, init_group
+from prefill_worker.rank import (
+    GroupSpec,
+    PrefillRank,
+    encode_lease,
+    encode_stream_lease,
+    init_group,
+)
 from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
 
 
@@ -63,6 +69,7 @@ class PrefillReplica:
         for rank, (actor, endpoint) in enumerate(zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1):
             ranks.append(_remote_lease(actor, rank, endpoint))
         self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.dtype)
+        self.service.stream_chunk_blocks = -(-self.cfg.max_num_batched_tokens // self.cfg.block_size)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.service, self.server)
         port = self.server.add_insecure_port(f"{self.cfg.host}:0")
@@ -131,7 +138,10 @@ def _local_lease(source: KVSource, endpoint: str) -> RankLease:
     async def unlease(rid: str) -> None:
         source.unlease(rid)
 
-    return RankLease(0, endpoint, lease, unlease)
+    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None) -> None:
+        source.stream_lease(rid, blocks, ready, expiry, first)
+
+    return RankLease(0, endpoint, lease, unlease, stream_lease)
 
 
 def _remote_lease(actor: Any, rank: int, endpoint: str) -> RankLease:
@@ -141,7 +151,10 @@ def _remote_lease(actor: Any, rank: int, endpoint: str) -> RankLease:
     async def unlease(rid: str) -> None:
         await actor.unlease.remote(rid)
 
-    return RankLease(rank, endpoint, lease, unlease)
+    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None) -> None:
+        await actor.stream_lease.remote(encode_stream_lease(rid, blocks, ready, expiry))
+
+    return RankLease(rank, endpoint, lease, unlease, stream_lease)
 
 
 __all__ = ["PrefillReplica", "DTYPES"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,6 +39,8 @@ class RankLease:
     endpoint: str
     lease: Callable[[str, list[int], float], Awaitable[None]]
     unlease: Callable[[str], Awaitable[None]]
+    # streamed lease (PrefillStream): request id, block table so far, ready blocks, expiry, first token
+    stream_lease: Callable[[str, list[int], int, float, int | None], Awaitable[None]] | None = None
 
 
 def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
@@ -79,20 +81,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.queued_prompt_tokens = 0
         self.running: set[str] = set()   # Prefill calls not answered yet
         self.unwanted: set[str] = set()  # released while still running: free the lease at once
+        self.stream_chunk_blocks = 1  # PrefillStream: blocks per pull (the replica sets its chunk)
 
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         rid = request.request_id
-        if not rid or rid in self.leases or rid in self.running:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
-        if self.engine.error is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine failed: {self.engine.error!r}")
-        prompt = list(request.prompt_token_ids)
-        try:
-            params = sampling_from_wire(request.sampling)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        arrived = time.perf_counter()
+        rid, prompt, params = await self._accept(request, context)
         self.running.add(rid)
         try:
             out = await self._prefill(rid, prompt, params, context)
@@ -105,8 +101,41 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self.unwanted.discard(rid)
         logprob = out.logprobs[0] if out.logprobs else 0.0
         return worker_pb2.PrefillResponse(
-            request_id=rid, first_token=out.token_ids[0], first_logprob=logprob, kv=handle.to_proto()
+            request_id=rid, first_token=out.token_ids[0], first_logprob=logprob, kv=handle.to_proto(),
+            prefill_seconds=time.perf_counter() - arrived,
         )
+
+    async def _accept(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> tuple[str, list[int], SamplingParams]:
+        rid = request.request_id
+        if not rid or rid in self.leases or rid in self.running:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or in use")
+        if self.engine.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine failed: {self.engine.error!r}")
+        try:
+            params = sampling_from_wire(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return rid, list(request.prompt_token_ids), params
+
+    async def PrefillStream(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PrefillResponse]:
+        """Streamed hand-off (prefill_worker/streaming.py): an early streamed KVHandle, then the
+        first token. The KV source answers each chunk's pull once the engine computed it."""
+        from prefill_worker.streaming import stream_prefill
+
+        arrived = time.perf_counter()
+        rid, prompt, params = await self._accept(request, context)
+        self.running.add(rid)
+        try:
+            async for message in stream_prefill(self, rid, prompt, params, context):
+                if not message.early:
+                    message.prefill_seconds = time.perf_counter() - arrived
+                yield message
+        finally:
+            self.running.discard(rid)
+            self.unwanted.discard(rid)
 
     async def _prefill(self, rid: str, prompt: list[int], params: SamplingParams,
                        context: grpc.aio.ServicerContext) -> StepOutput:

@@ -28,6 +28,7 @@ class RouterConfig:
     worker_retries: int = 2          # extra attempts on other replicas (UNAVAILABLE / RESOURCE_EXHAUSTED)
     migration: bool = True           # a decode replica that dies mid-stream: continue on another one
     release_timeout_seconds: float = 2.0  # ReleaseKV calls after cancel/early finish
+    kv_streaming: bool = False       # PrefillStream: decode pulls KV chunks while prefill runs
     local_prefill_max_tokens: int = 0  # prompts with at most this many tokens not cached on the
     #   best decode replica are prefilled there (its engine adopts the KV: no transfer); 0 = off
     api_keys: tuple[str, ...] = ()   # accepted `authorization: Bearer <key>`; empty = no auth

@@ -115,6 +115,11 @@ async def run_request(prep: Prepared, deps: FlowDeps, write: Write, remaining: R
         raise RouterError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
     lease, clock = Lease(request_id=prep.request_id), RequestClock(deps.observer)
     try:
+        if deps.config.kv_streaming:
+            from router.streaming import run_streamed  # it builds on this module
+
+            if await run_streamed(prep, deps, write, remaining, lease, clock, ticket):
+                return
         prefill_replica, first = await _prefill(prep, prep.prompt_ids, prep.sampling, deps, remaining, lease)
         ticket.prefill_done()
         sent = Sent(OutputState(prep, deps.codec, deps.config.eos_token_ids), write)
@@ -277,8 +282,11 @@ async def _migrate(prep: Prepared, sent: Sent, deps: FlowDeps, remaining: Remain
 
 
 async def _stream_decode(replica: Replica, request: worker_pb2.DecodeRequest, blocks: int, sent: Sent,
-                         deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock) -> None:
-    call = replica.decode.Decode(request, timeout=_timeout(remaining))
+                         deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock,
+                         call: Any = None) -> None:
+    """Forwards the decode stream (`call`: one already opened with request, router/streaming.py)."""
+    if call is None:
+        call = replica.decode.Decode(request, timeout=_timeout(remaining))
     replica.reserved_blocks += blocks
     replica.open_streams += 1
     worker_done = False

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\">\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"\xdf\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\x12%\n\x06shards\x18\t \x03(\x0b\x32\x15.pdserve.v1.RankShard\x12\x14\n\x0clease_expiry\x18\n \x01(\x01\"\x90\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nhead_start\x18\x03 \x01(\r\x12\x10\n\x08head_end\x18\x04 \x01(\r\x12\x10\n\x08segments\x18\x05 \x03(\r\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x12\x15\n\rreply_address\x18\x07 \x01(\x0c\"@\n\x0cPullResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\">\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"\xfc\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\x12%\n\x06shards\x18\t \x03(\x0b\x32\x15.pdserve.v1.RankShard\x12\x14\n\x0clease_expiry\x18\n \x01(\x01\x12\x1b\n\x13stream_chunk_blocks\x18\x0b \x01(\r\"\xa2\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nhead_start\x18\x03 \x01(\r\x12\x10\n\x08head_end\x18\x04 \x01(\r\x12\x10\n\x08segments\x18\x05 \x03(\r\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x12\x15\n\rreply_address\x18\x07 \x01(\x0c\x12\x10\n\x08\x62y_index\x18\x08 \x01(\x08\"j\n\x0cPullResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_tokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKSHARD']._serialized_start=35
   _globals['_RANKSHARD']._serialized_end=97
   _globals['_KVHANDLE']._serialized_start=100
-  _globals['_KVHANDLE']._serialized_end=323
-  _globals['_PULLREQUEST']._serialized_start=326
-  _globals['_PULLREQUEST']._serialized_end=470
-  _globals['_PULLRESPONSE']._serialized_start=472
-  _globals['_PULLRESPONSE']._serialized_end=536
+  _globals['_KVHANDLE']._serialized_end=352
+  _globals['_PULLREQUEST']._serialized_start=355
+  _globals['_PULLREQUEST']._serialized_end=517
+  _globals['_PULLRESPONSE']._serialized_start=519
+  _globals['_PULLRESPONSE']._serialized_end=625
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class RankShard(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "tp_size", "shards", "lease_expiry")
+    __slots__ = ("request_id", "num_tokens", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "tp_size", "shards", "lease_expiry", "stream_chunk_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class KVHandle(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CHUNK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     block_size: int
@@ -38,10 +39,11 @@ class KVHandle(_message.Message):
     tp_size: int
     shards: _containers.RepeatedCompositeFieldContainer[RankShard]
     lease_expiry: float
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ...) -> None: ...
+    stream_chunk_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ..., stream_chunk_blocks: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address")
+    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address", "by_index")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class PullRequest(_message.Message):
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BY_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     head_start: int
@@ -56,14 +59,17 @@ class PullRequest(_message.Message):
     segments: _containers.RepeatedScalarFieldContainer[int]
     tag: int
     reply_address: bytes
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ...) -> None: ...
+    by_index: bool
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ..., by_index: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("ok", "error", "payload_bytes")
+    __slots__ = ("ok", "error", "payload_bytes", "first_token")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
     payload_bytes: int
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    first_token: int
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., first_token: _Optional[int] = ...) -> None: ...

@@ -26,39 +26,39 @@ from pdserve.v1 import kv_pb2 as pdserve_dot_v1_dot_kv__pb2
 from pdserve.v1 import router_pb2 as pdserve_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x13pdserve/v1/kv.proto\x1a\x17pdserve/v1/router.proto\"\xbf\x01\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.WorkerSampling\"\x8a\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12 \n\x02kv\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xbb\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.WorkerSampling\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x17\n\x0fprefill_address\x18\x06 \x01(\t\"n\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .pdserve.v1.FinishReasonInternal\"\xd9\x04\n\x0cWorkerStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.pdserve.v1.WorkerStatus.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06queued\x18\x07 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x18\n\x10kv_blocks_leased\x18\x0b \x01(\r\x12\x12\n\nblock_size\x18\x0c \x01(\r\x12\x10\n\x08kv_dtype\x18\r \x01(\t\x12\x14\n\x0cquantization\x18\x0e \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0f \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x10 \x01(\t\x12\x15\n\rprefix_hashes\x18\x11 \x03(\x04\x12\x10\n\x08\x64raining\x18\x12 \x01(\x08\x12\x10\n\x08kv_pulls\x18\x13 \x01(\x04\x12\x15\n\rkv_pull_bytes\x18\x14 \x01(\x04\x12\x17\n\x0fkv_pull_seconds\x18\x15 \x01(\x01\x12\x1e\n\x16kv_pull_latency_bounds\x18\x16 \x03(\x01\x12\x1e\n\x16kv_pull_latency_counts\x18\x17 \x03(\x04\"5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\"\x1d\n\x0cHeartbeatAck\x12\r\n\x05known\x18\x01 \x01(\x08*]\n\x14\x46inishReasonInternal\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x10\n\x0c\x46INISH_ABORT\x10\x03\x32\x9d\x01\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12H\n\tReleaseKV\x12\x1c.pdserve.v1.ReleaseKVRequest\x1a\x1d.pdserve.v1.ReleaseKVResponse2Q\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x32\x93\x01\n\x08Registry\x12?\n\tHeartbeat\x12\x18.pdserve.v1.WorkerStatus\x1a\x18.pdserve.v1.HeartbeatAck\x12\x46\n\rReportScaling\x12\x1b.pdserve.v1.ScalingDecision\x1a\x18.pdserve.v1.HeartbeatAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x13pdserve/v1/kv.proto\x1a\x17pdserve/v1/router.proto\"\xbf\x01\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.WorkerSampling\"\xb2\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12 \n\x02kv\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x65\x61rly\x18\x07 \x01(\x08\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xbb\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.WorkerSampling\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x17\n\x0fprefill_address\x18\x06 \x01(\t\"n\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .pdserve.v1.FinishReasonInternal\"\xd9\x04\n\x0cWorkerStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.pdserve.v1.WorkerStatus.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06queued\x18\x07 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x18\n\x10kv_blocks_leased\x18\x0b \x01(\r\x12\x12\n\nblock_size\x18\x0c \x01(\r\x12\x10\n\x08kv_dtype\x18\r \x01(\t\x12\x14\n\x0cquantization\x18\x0e \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0f \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x10 \x01(\t\x12\x15\n\rprefix_hashes\x18\x11 \x03(\x04\x12\x10\n\x08\x64raining\x18\x12 \x01(\x08\x12\x10\n\x08kv_pulls\x18\x13 \x01(\x04\x12\x15\n\rkv_pull_bytes\x18\x14 \x01(\x04\x12\x17\n\x0fkv_pull_seconds\x18\x15 \x01(\x01\x12\x1e\n\x16kv_pull_latency_bounds\x18\x16 \x03(\x01\x12\x1e\n\x16kv_pull_latency_counts\x18\x17 \x03(\x04\"5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\"\x1d\n\x0cHeartbeatAck\x12\r\n\x05known\x18\x01 \x01(\x08*]\n\x14\x46inishReasonInternal\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x10\n\x0c\x46INISH_ABORT\x10\x03\x32\xe9\x01\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12H\n\tReleaseKV\x12\x1c.pdserve.v1.ReleaseKVRequest\x1a\x1d.pdserve.v1.ReleaseKVResponse\x12J\n\rPrefillStream\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse0\x01\x32Q\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x32\x93\x01\n\x08Registry\x12?\n\tHeartbeat\x12\x18.pdserve.v1.WorkerStatus\x1a\x18.pdserve.v1.HeartbeatAck\x12\x46\n\rReportScaling\x12\x1b.pdserve.v1.ScalingDecision\x1a\x18.pdserve.v1.HeartbeatAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASONINTERNAL']._serialized_start=1546
-  _globals['_FINISHREASONINTERNAL']._serialized_end=1639
+  _globals['_FINISHREASONINTERNAL']._serialized_start=1586
+  _globals['_FINISHREASONINTERNAL']._serialized_end=1679
   _globals['_WORKERSAMPLING']._serialized_start=86
   _globals['_WORKERSAMPLING']._serialized_end=277
   _globals['_PREFILLREQUEST']._serialized_start=279
   _globals['_PREFILLREQUEST']._serialized_end=387
   _globals['_PREFILLRESPONSE']._serialized_start=390
-  _globals['_PREFILLRESPONSE']._serialized_end=528
-  _globals['_RELEASEKVREQUEST']._serialized_start=530
-  _globals['_RELEASEKVREQUEST']._serialized_end=568
-  _globals['_RELEASEKVRESPONSE']._serialized_start=570
-  _globals['_RELEASEKVRESPONSE']._serialized_end=607
-  _globals['_DECODEREQUEST']._serialized_start=610
-  _globals['_DECODEREQUEST']._serialized_end=797
-  _globals['_DECODERESPONSE']._serialized_start=799
-  _globals['_DECODERESPONSE']._serialized_end=909
-  _globals['_WORKERSTATUS']._serialized_start=912
-  _globals['_WORKERSTATUS']._serialized_end=1513
-  _globals['_WORKERSTATUS_ROLE']._serialized_start=1460
-  _globals['_WORKERSTATUS_ROLE']._serialized_end=1513
-  _globals['_HEARTBEATACK']._serialized_start=1515
-  _globals['_HEARTBEATACK']._serialized_end=1544
-  _globals['_PREFILLWORKER']._serialized_start=1642
-  _globals['_PREFILLWORKER']._serialized_end=1799
-  _globals['_DECODEWORKER']._serialized_start=1801
-  _globals['_DECODEWORKER']._serialized_end=1882
-  _globals['_REGISTRY']._serialized_start=1885
-  _globals['_REGISTRY']._serialized_end=2032
+  _globals['_PREFILLRESPONSE']._serialized_end=568
+  _globals['_RELEASEKVREQUEST']._serialized_start=570
+  _globals['_RELEASEKVREQUEST']._serialized_end=608
+  _globals['_RELEASEKVRESPONSE']._serialized_start=610
+  _globals['_RELEASEKVRESPONSE']._serialized_end=647
+  _globals['_DECODEREQUEST']._serialized_start=650
+  _globals['_DECODEREQUEST']._serialized_end=837
+  _globals['_DECODERESPONSE']._serialized_start=839
+  _globals['_DECODERESPONSE']._serialized_end=949
+  _globals['_WORKERSTATUS']._serialized_start=952
+  _globals['_WORKERSTATUS']._serialized_end=1553
+  _globals['_WORKERSTATUS_ROLE']._serialized_start=1500
+  _globals['_WORKERSTATUS_ROLE']._serialized_end=1553
+  _globals['_HEARTBEATACK']._serialized_start=1555
+  _globals['_HEARTBEATACK']._serialized_end=1584
+  _globals['_PREFILLWORKER']._serialized_start=1682
+  _globals['_PREFILLWORKER']._serialized_end=1915
+  _globals['_DECODEWORKER']._serialized_start=1917
+  _globals['_DECODEWORKER']._serialized_end=1998
+  _globals['_REGISTRY']._serialized_start=2001
+  _globals['_REGISTRY']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

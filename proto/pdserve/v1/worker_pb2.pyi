@@ -53,18 +53,22 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token", "first_logprob", "kv", "cached_tokens")
+    __slots__ = ("request_id", "first_token", "first_logprob", "kv", "cached_tokens", "prefill_seconds", "early")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: int
     first_logprob: float
     kv: _kv_pb2.KVHandle
     cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv: _Optional[_Union[_kv_pb2.KVHandle, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    prefill_seconds: float
+    early: bool
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv: _Optional[_Union[_kv_pb2.KVHandle, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class ReleaseKVRequest(_message.Message):
     __slots__ = ("request_id",)
