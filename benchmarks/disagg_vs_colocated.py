@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deploy.benchmark.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
 from deploy.benchmark.report import format_table, write_json  # noqa: E402
 from deploy.benchmark.runner import RunResult, run_bench  # noqa: E402
-from deploy.benchmark.stats import meets_slo  # noqa: E402
+from deploy.benchmark.stats import meets_slo, percentile  # noqa: E402
 from deploy.config import DEFAULT_MODEL_DIR  # noqa: E402
 from engine.config import load_config as load_model_config  # noqa: E402
 
@@ -122,8 +122,11 @@ def scaled(slo: SLO, k: float) -> SLO:
 
 def run_row(r: RunResult, slo: SLO) -> dict[str, Any]:
     s = r.stats
+    itls = [1000 * g for rec in r.records if rec.ok for g in rec.itls()]
     return {"rate": r.load.rate, "completed": s.completed, "failed": s.failed,
             "itl_ms_p50": s.itl_ms["p50"], "itl_ms_p99": s.itl_ms["p99"],
+            "itl_ms_p999": percentile(itls, 99.9),
+            "itl_over_50ms_fraction": sum(g > 50 for g in itls) / len(itls) if itls else None,
             "ttft_ms_p50": s.ttft_ms["p50"], "ttft_ms_p99": s.ttft_ms["p99"],
             "tpot_ms_p50": s.tpot_ms["p50"], "tpot_ms_p99": s.tpot_ms["p99"],
             "goodput": s.goodput, "good_fraction": s.good_fraction,
@@ -139,6 +142,7 @@ def compare(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         out.append({
             "rate": d["rate"],
             "itl_p99_ratio": c["itl_ms_p99"] / d["itl_ms_p99"] if d["itl_ms_p99"] else None,
+            "itl_p999_ratio": c["itl_ms_p999"] / d["itl_ms_p999"] if d["itl_ms_p999"] else None,
             "goodput_ratio": d["goodput"] / c["goodput"] if c["goodput"] else None,
             "goodput_ratio_by_slo_scale": {
                 k: (d["goodput_by_slo_scale"][k] / c["goodput_by_slo_scale"][k]
@@ -181,6 +185,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=1024, help="long prompts")
     p.add_argument("--output-len", type=int, default=128, help="long answers")
     p.add_argument("--short-len", type=int, default=16, help="short prompts and short answers")
+    p.add_argument("--long-fraction", type=float, default=0.5, help="share of long-prompt requests")
     p.add_argument("--chunk", type=int, default=512, help="prefill tokens per engine step")
     p.add_argument("--cores", default="0,1")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
@@ -210,7 +215,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = model_dir(Path(scratch))
         dataset = DatasetConfig("mixed", input_len=args.input_len, output_len=args.output_len,
-                                short_len=args.short_len, range_ratio=0.25,
+                                short_len=args.short_len, range_ratio=0.25, long_fraction=args.long_fraction,
                                 vocab_size=load_model_config(model).vocab_size)
         cfg = BenchConfig(address="", loads=loads, dataset=dataset, num_requests=args.num_requests,
                           warmup=args.warmup, slo=slo)
@@ -228,7 +233,8 @@ def main() -> None:
             plot(results, out, suffix=f"-{i}")
     summary = {"model": model, "cores": args.cores, "chunk": args.chunk,
                "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
-               "dataset": {"input_len": args.input_len, "output_len": args.output_len, "short_len": args.short_len},
+               "dataset": {"input_len": args.input_len, "output_len": args.output_len, "short_len": args.short_len,
+                           "long_fraction": args.long_fraction},
                "repeats": repeats}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps([r["ratios"] for r in repeats], indent=1))
