@@ -166,8 +166,8 @@ class Cluster:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.router.stop(grace=1.0)  # clients first: in-flight requests get the grace period
         await asyncio.to_thread(self._undeploy)
-        await self.router.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.stop()
 
