@@ -88,8 +88,10 @@ def two_node_ray(temp_dir: str) -> Iterator[str]:
 
 
 def ray_env() -> dict[str, str]:
-    """Token auth (Ray 2.60's default) with the user's token, for every process of this cluster."""
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    """Token auth (Ray 2.60's default) with the user's token, for every process of this cluster; this
+    interpreter's bin first on PATH, so `ray` is the venv's even when the venv is not activated."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
 
 def _connect(address: str, head: subprocess.Popen[bytes], within: float = 120.0) -> None:
