@@ -31,6 +31,8 @@ from kv_transfer.handle import KVHandle, RankShard
 if TYPE_CHECKING:
     from prefill_worker.server import PrefillService
 
+POLL_SECONDS = 0.001  # how often the request's progress is read (at most once per engine step)
+
 
 @dataclass(frozen=True, slots=True)
 class Progress:
@@ -45,7 +47,9 @@ def read_progress(engine: LLMEngine, rid: str) -> Progress | None:
     req = engine.requests.get(rid)
     if req is None or not req.block_table:
         return None
-    return Progress(tuple(req.block_table), req.num_computed_tokens // engine.cache_config.block_size)
+    bs = engine.cache_config.block_size
+    last = -(-len(req.prompt_token_ids) // bs) - 1  # ready only with the first token (the final update)
+    return Progress(tuple(req.block_table), min(req.num_computed_tokens // bs, last))
 
 
 def streamed_handle(svc: PrefillService, rid: str, num_tokens: int, expiry: float) -> KVHandle:
@@ -91,9 +95,10 @@ async def stream_prefill(svc: PrefillService, rid: str, prompt: list[int], param
     last: Progress | None = None
     try:
         while not run.done():
+            # a pause between polls lets the engine thread leave its command loop and step
+            await asyncio.sleep(POLL_SECONDS)
             progress = await svc.engine.call(lambda: read_progress(inner, rid))
             if progress is None or progress == last:
-                await asyncio.sleep(0)
                 continue
             if expiry is None:
                 expiry = _open_lease(svc, rid, len(progress.block_ids))

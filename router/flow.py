@@ -230,12 +230,14 @@ def _decode_request(lease: Lease, prompt: Sequence[int], first: worker_pb2.Prefi
 
 
 async def _decode(prep: Prepared, first: worker_pb2.PrefillResponse, prefill_replica: Replica, sent: Sent,
-                  deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock) -> None:
-    """Decode on the best replica. Before its first message, RESOURCE_EXHAUSTED moves the request to
-    another replica with the same KV lease; a replica that dies is replaced by a migration."""
+                  deps: FlowDeps, remaining: Remaining, lease: Lease, clock: RequestClock,
+                  failed: set[str] | None = None) -> None:
+    """Decode on the best replica (not one of `failed`). Before its first message, RESOURCE_EXHAUSTED
+    moves the request to another replica with the same KV lease; a replica that dies is replaced by a
+    migration."""
     cfg = deps.config
     request = _decode_request(lease, prep.prompt_ids, first, prep.sampling, prefill_replica)
-    failed: set[str] = set()
+    failed = set(failed or ())
     last: RouterError | None = None
     for attempt in range(cfg.worker_retries + 1):
         replica = pick_decode([r for r in deps.registry.ready(DECODE) if r.replica_id not in failed])

@@ -92,8 +92,10 @@ async def run_streamed(prep: Prepared, deps: flow.FlowDeps, write: flow.Write, r
 
 
 def _abandon(lease: flow.Lease, deps: flow.FlowDeps) -> bool:
-    """The prefill stream failed before the first token: free what it may hold, go the plain way."""
+    """The prefill stream failed before the first token: free what it may hold and go the plain way
+    under a new worker request id (a late release of the old one must not hit the retry)."""
     flow._give_back(lease, deps)
+    lease.request_id = f"{lease.request_id}/s"
     return False
 
 
@@ -102,6 +104,7 @@ async def _continue(prep: Prepared, first: worker_pb2.PrefillResponse, prefill: 
                     deps: flow.FlowDeps, remaining: flow.Remaining, lease: flow.Lease,
                     clock: RequestClock) -> None:
     """Streams the already open decode call; on a retryable failure, flow._decode takes over."""
+    failed: set[str] = set()
     if decoder is not None and call is not None:
         request = flow._decode_request(lease, prep.prompt_ids, first, prep.sampling, prefill)
         blocks = flow._blocks_needed(len(prep.prompt_ids), prep.sampling.max_tokens, deps.config.block_size)
@@ -111,4 +114,7 @@ async def _continue(prep: Prepared, first: worker_pb2.PrefillResponse, prefill: 
         except flow.Failed as f:
             if f.code not in flow.RETRYABLE:
                 raise f.error from None
-    await flow._decode(prep, first, prefill, sent, deps, remaining, lease, clock)
+            failed.add(decoder.replica_id)
+            if pick_decode([r for r in deps.registry.ready(DECODE) if r.replica_id not in failed]) is None:
+                raise f.error from None  # no other replica: say what went wrong here
+    await flow._decode(prep, first, prefill, sent, deps, remaining, lease, clock, failed)

@@ -79,7 +79,7 @@ def streaming(hf_checkpoint: Callable[[str], Path], ray_session: None) -> Iterat
 
 def test_streaming_tp2_matches_transformers(streaming: RunningCluster,
                                             hf_checkpoint: Callable[[str], Path]) -> None:
-    prompts = _prompts()  # up to 50 tokens: up to 4 chunks of 2 blocks
+    prompts = _prompts() + [list(range(5, 53))]  # up to 50 tokens: 4 chunks of 2 blocks; 48: block-aligned
     expected = [tuple(t) for t in _hf_tokens(hf_checkpoint("llama"), prompts)]
     assert _generate_all(streaming.address, prompts) == expected
     assert len(expected[-1]) == NEW_TOKENS or expected[-1]
