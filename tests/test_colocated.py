@@ -53,14 +53,15 @@ def test_colocated_cluster_matches_transformers_without_transfers(
     prompts = _prompts()
     expected = [tuple(t) for t in _hf_tokens(path, prompts)]
     core = sorted(os.sched_getaffinity(0))[0]
-    cfg = _config(path, "colocated", decode={"replicas": 1, "cpu_affinity": [core]})
+    cfg = _config(path, "colocated", decode={"replicas": 2, "cpu_affinity": [core]})
     with running_cluster(cfg) as cl:
         status = get_status(cl.address)
-        assert len(status.prefill.replicas) == len(status.decode.replicas) == 1
-        assert status.prefill.replicas[0].address == status.decode.replicas[0].address
-        assert _generate_all(cl.address, prompts) == expected
-        assert _local_stats() == {"adopted": len(prompts), "pulled": 0}
-        assert get_status(cl.address).decode.replicas[0].kv_pulls == 0
+        assert len(status.prefill.replicas) == len(status.decode.replicas) == 2
+        assert {r.address for r in status.prefill.replicas} == {r.address for r in status.decode.replicas}
+        assert _generate_all(cl.address, prompts) == expected  # a wrong replica could not decode
+        assert all(r.kv_pulls == 0 for r in get_status(cl.address).decode.replicas)
+        adopted = [serve.get_app_handle(DECODE_APP).local_stats.remote().result() for _ in range(8)]
+        assert all(s["pulled"] == 0 for s in adopted) and any(s["adopted"] for s in adopted)
         assert serve.get_app_handle(DECODE_APP).cores.remote().result() == [[core]]
         _wait_free(cl.address, within=2.0)
 
