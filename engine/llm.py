@@ -8,6 +8,8 @@ this process's default torch.distributed group, so one TP LLM may live per proce
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -56,6 +58,11 @@ def _follower_main(
         run_follower(cfg.model, DTYPES[cfg.dtype], tp, cache, device=cfg.device, quantization=cfg.quantization)
     finally:
         dist.destroy_process_group()
+    # Done cleanly: leave without the interpreter's teardown, where a gloo/TCPStore destructor racing
+    # rank 0's side of the group aborted the process now and then (exit code -6 after a correct run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _TPGroup:

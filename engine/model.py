@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttnMetadata, AttnPlan, paged_attention, plan_attention
+from engine.attention import AttnMetadata, AttnPlan, GatherBuffers, paged_attention, plan_attention
 from engine.config import ModelConfig, load_config
 from engine.tp import TPInfo
 
@@ -162,6 +162,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gather_buffers = GatherBuffers()  # decode attention's K/V gather, reused every layer
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata, kv: torch.Tensor
@@ -171,7 +172,7 @@ class LlamaModel(nn.Module):
         kv: [num_blocks, num_layers, 2, H_local, block_size, head_dim]; the new tokens' K/V
         are written at meta.slot_mapping. The returned hidden states are after the final norm.
         """
-        plan = plan_attention(meta, kv.shape[4], self.config.sliding_window)
+        plan = plan_attention(meta, kv.shape[4], self.config.sliding_window, self.gather_buffers)
         cos, sin = self.rotary(positions)  # [T, D/2]
         h = self.embed_tokens(input_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):

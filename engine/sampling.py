@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,6 +51,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @classmethod
+    def from_wire(cls, m: Any) -> SamplingParams:
+        """From a protobuf message with WorkerSampling's fields (zero means unset, `seed` is optional).
+        Duck-typed: the engine does not import the generated stubs."""
+        return cls(
+            max_tokens=max(1, m.max_tokens),
+            temperature=m.temperature,
+            top_p=m.top_p if m.top_p > 0 else 1.0,
+            top_k=m.top_k if m.top_k != 0 else -1,
+            seed=m.seed if m.HasField("seed") else None,
+            stop=tuple(m.stop),
+            stop_token_ids=tuple(m.stop_token_ids),
+            ignore_eos=m.ignore_eos,
+            logprobs=m.logprobs,
+        )
 
 
 def _as_tuple(value: object, name: str, kind: type) -> tuple:

@@ -117,7 +117,7 @@ def test_tensor_parallel_2_matches_1(hf_checkpoint: Checkpoint) -> None:
         assert group is not None
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
     assert again[0].token_ids == ref[0].token_ids
-    assert all(not p.is_alive() and p.exitcode == 0 for p in group.procs)
+    assert all(not p.is_alive() and p.exitcode == 0 for p in group.procs), [(p.is_alive(), p.exitcode) for p in group.procs]
 
 
 def test_seeded_sampling_is_reproducible_across_batches(hf_checkpoint: Checkpoint) -> None:
