@@ -150,7 +150,7 @@ def report(model_dir: str, w: Workload, hf_batch: int, bs1_steps: int) -> None:
     roof = wbytes / bw
     print(f"decode step, batch 1:  median {step * 1e3:7.2f} ms over {bs1_steps - 1} steps")
     print(f"roofline: {wbytes / 2**20:.0f} MiB weights / {bw / 1e9:.1f} GB/s copy bandwidth "
-          f"= {roof * 1e3:.2f} ms  -> step is {step / roof:.2f}x the roofline")
+          f"= {roof * 1e3:.2f} ms  -> {roof / step:.2f} of the roofline (goal >= 0.5)")
 
 
 if __name__ == "__main__":

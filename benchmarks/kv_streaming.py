@@ -19,13 +19,11 @@ streaming off (Registry heartbeat counters `kv_pull_seconds / kv_pulls`). Median
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.cluster import Cluster  # noqa: E402
+from deploy.cluster import Cluster, LoopThread  # noqa: E402
 from deploy.config import DeployConfig, parse_config  # noqa: E402
 from router.client import generate_stream, get_status  # noqa: E402
 
@@ -68,22 +66,6 @@ def deploy_config(model: str, streaming: bool, chunk: int, prompt_len: int, pin:
         "decode": {"num_kv_blocks": blocks, "cpu_affinity": cores[1], "resources": {"num_cpus": 0.25}},
         "kv_transfer": {"streaming": streaming, "lease_seconds": 60, "timeout_seconds": 60},
     }, "kv_streaming benchmark")
-
-
-class LoopThread:
-    """An asyncio loop on a thread: the cluster lives there, the client calls are synchronous."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @contextmanager

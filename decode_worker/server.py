@@ -47,20 +47,6 @@ PullChunk = Callable[[KVHandle, int, list[int], float], Awaitable[int | None]]  
 Release = Callable[[str, str], Awaitable[None]]
 
 
-def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max(1, m.max_tokens),
-        temperature=m.temperature,
-        top_p=m.top_p if m.top_p > 0 else 1.0,
-        top_k=m.top_k if m.top_k != 0 else -1,
-        seed=m.seed if m.HasField("seed") else None,
-        stop=tuple(m.stop),
-        stop_token_ids=tuple(m.stop_token_ids),
-        ignore_eos=m.ignore_eos,
-        logprobs=m.logprobs,
-    )
-
-
 # Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
 # before they are parsed; a prompt of 128k tokens is well under 1 MiB on the wire.
 MAX_MESSAGE_BYTES = 4 << 20
@@ -96,7 +82,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if self.engine.error is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine failed: {self.engine.error!r}")
         try:
-            params = sampling_from_wire(request.sampling)
+            params = SamplingParams.from_wire(request.sampling)
             handle = KVHandle.from_proto(request.kv)
             self._check(request, handle)
         except (ValueError, TransferError) as exc:

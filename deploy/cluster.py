@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from typing import Any
 
 from deploy.apply import ApplyPlan, kv_get, kv_put, plan_apply, request_key, result_key
 from deploy.colocated_app import decode_pool_app
@@ -197,3 +199,20 @@ def _describe(source: str, plan: ApplyPlan) -> str:
         parts.append(f"re-deployed {' and '.join(plan.pools)} (replicas kept unless their "
                      "resources or layout changed)")
     return "; ".join(parts)
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, for synchronous code (tests, benchmarks) that owns a Cluster:
+    `loop.run(coro)` runs a coroutine there and waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -43,20 +43,6 @@ class RankLease:
     stream_lease: Callable[[str, list[int], int, float, int | None], Awaitable[None]] | None = None
 
 
-def sampling_from_wire(m: worker_pb2.WorkerSampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max(1, m.max_tokens),
-        temperature=m.temperature,
-        top_p=m.top_p if m.top_p > 0 else 1.0,
-        top_k=m.top_k if m.top_k != 0 else -1,
-        seed=m.seed if m.HasField("seed") else None,
-        stop=tuple(m.stop),
-        stop_token_ids=tuple(m.stop_token_ids),
-        ignore_eos=m.ignore_eos,
-        logprobs=m.logprobs,
-    )
-
-
 # Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
 # before they are parsed; a prompt of 128k tokens is well under 1 MiB on the wire.
 MAX_MESSAGE_BYTES = 4 << 20
@@ -113,7 +99,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         if self.engine.error is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine failed: {self.engine.error!r}")
         try:
-            params = sampling_from_wire(request.sampling)
+            params = SamplingParams.from_wire(request.sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return rid, list(request.prompt_token_ids), params

@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from deploy.cluster import Cluster
+from deploy.cluster import Cluster, LoopThread
 from deploy.config import DeployConfig, parse_config
 
 
@@ -29,22 +27,6 @@ def small_config(model_path: str, **sections: dict[str, Any]) -> DeployConfig:
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return parse_config(data, "test")
-
-
-class LoopThread:
-    """An asyncio loop on a thread, so sync tests can own an async cluster."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @dataclasses.dataclass
