@@ -13,7 +13,7 @@ i.e. what the hand-off adds between the first token (end of prefill) and decode'
 streaming off it is the whole pull plus the router -> decode hop; with streaming on only what the
 last chunk's pull leaves. The raw transfer is the decode replica's pull time per request with
 streaming off (Registry heartbeat counters `kv_pull_seconds / kv_pulls`). Medians; hidden fraction
-= 1 - exposed(on) / exposed(off). Writes kv_streaming.json into --out.
+= 1 - exposed(on) / exposed(off). Writes kv_streaming_chunk<N>.json and .png into --out.
 """
 
 from __future__ import annotations
@@ -174,11 +174,34 @@ def main() -> int:
               "hidden_fraction": 1 - on["exposed_ms_p50"] / off["exposed_ms_p50"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kv_streaming.json").write_text(json.dumps(result, indent=2))
+    (out / f"kv_streaming_chunk{args.chunk}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"kv_streaming_chunk{args.chunk}.png")
     print(f"raw transfer {result['raw_transfer_ms_p50']:.1f} ms/request; exposed p50 off "
           f"{off['exposed_ms_p50']:.1f} ms, on {on['exposed_ms_p50']:.1f} ms; hidden "
           f"{100 * result['hidden_fraction']:.0f}%")
     return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Exposed transfer per request, streaming off vs on, with the raw pull time for scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    off, on = result["off"]["exposed_ms"], result["on"]["exposed_ms"]
+    xs = range(len(off))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([x - 0.2 for x in xs], off, width=0.4, label="streaming off")
+    ax.bar([x + 0.2 for x in xs], on, width=0.4, label="streaming on")
+    ax.axhline(result["raw_transfer_ms_p50"], color="grey", linestyle="--", label="raw pull (off), per request")
+    ax.set(xlabel="request", ylabel="exposed transfer (ms)",
+           title=f"{result['prompt_len']}-token prompts, {result['chunk_tokens']}-token chunks: "
+                 f"{100 * result['hidden_fraction']:.0f}% hidden")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

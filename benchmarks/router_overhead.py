@@ -11,7 +11,7 @@ ready, and this script reads it per request id from the router's prefill stubs (
 around each registered replica's stub: the router's code is not changed). Overhead of a request =
 client TTFT - prefill_seconds: the client -> router hop, validation, admission, picking, the router ->
 prefill hop both ways and the first token's write back to the client. `--rounds` waves of
-`--concurrency` requests sent at once; p50 / p90 / p99 over all. Writes router_overhead.json.
+`--concurrency` requests sent at once; p50 / p90 / p99 over all. Writes router_overhead_c<N>.json and .png.
 """
 
 from __future__ import annotations
@@ -117,11 +117,31 @@ def main() -> int:
               "overhead_ms": percentiles(overhead_ms),
               "client_ttft_ms": percentiles([1000 * v for v in ttft.values()]),
               "prefill_ms": percentiles([1000 * seen[rid] for rid in ttft if rid in seen])}
+    result["overhead_ms_each"] = sorted(overhead_ms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "router_overhead.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    name = f"router_overhead_c{args.concurrency}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot_cdf(sorted(overhead_ms), args.concurrency, out / f"{name}.png")
+    print(json.dumps({k: v for k, v in result.items() if k != "overhead_ms_each"}, indent=2))
     return 0
+
+
+def plot_cdf(values: list[float], concurrency: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], drawstyle="steps-post")
+    ax.axvline(1.0, color="grey", linestyle="--", label="goal: p50 < 1 ms")
+    ax.set(xlabel="router overhead per request (ms)", ylabel="fraction of requests",
+           title=f"client TTFT - replica TTFT, {concurrency} concurrent")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
