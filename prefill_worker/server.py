@@ -51,6 +51,10 @@ SERVER_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
 
+class LeaseLost(Exception):
+    """The request was released while its lease was being set up (its blocks are already free)."""
+
+
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(
         self,
@@ -78,7 +82,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.running.add(rid)
         try:
             out = await self._prefill(rid, prompt, params, context)
-            handle = await self._lease(rid, len(prompt))
+            try:
+                handle = await self._lease(rid, len(prompt))
+            except LeaseLost as lost:
+                await context.abort(grpc.StatusCode.CANCELLED, str(lost))
             if rid in self.unwanted:  # a ReleaseKV overtook this call: the requester gave up
                 await self.release(rid)
                 await context.abort(grpc.StatusCode.CANCELLED, f"{rid} was released before its prefill ended")
@@ -159,11 +166,13 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.leases[rid] = (timer, 0)
         try:
             blocks = await self.engine.call(lambda: inner.kv_block_ids(rid))
+            self._check_still_leased(rid, timer)
             self.leases[rid] = (timer, len(blocks))
             expiry = time.time() + self.lease_seconds
             await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
+            self._check_still_leased(rid, timer)
         except BaseException:
-            await asyncio.shield(self.release(rid))
+            await asyncio.shield(self._drop_lease(rid, timer))
             raise
         cfg = inner.model_config
         return KVHandle(
@@ -178,6 +187,26 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             shards=tuple(RankShard(r.rank, r.endpoint, tuple(blocks)) for r in self.ranks),
             lease_expiry=expiry,
         )
+
+    def _check_still_leased(self, rid: str, timer: asyncio.TimerHandle) -> None:
+        """A ReleaseKV (or the lease timer) that ran while _lease awaited has already freed the
+        blocks: writing the lease back then would leave it, and the ranks' leases, behind for good."""
+        entry = self.leases.get(rid)
+        if entry is None or entry[0] is not timer:
+            raise LeaseLost(f"{rid} was released while its KV was being leased")
+
+    async def _drop_lease(self, rid: str, timer: asyncio.TimerHandle) -> None:
+        """_lease failed or lost a race: free everything it may have leased (a lease of another
+        call with the same id is left alone)."""
+        entry = self.leases.get(rid)
+        if entry is not None and entry[0] is timer:
+            await self.release(rid)
+            return
+        timer.cancel()
+        if rid in self.running:
+            self.unwanted.add(rid)
+        await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
+        self.engine.abort(rid)
 
     async def release(self, rid: str) -> bool:
         lease = self.leases.pop(rid, None)

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2_grpc
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
@@ -262,6 +262,38 @@ def test_random_cancels_racing_transfers_never_crash_or_leak(model_dir: Path) ->
         assert all(d.engine is not None and d.engine.error is None for d in rig.decodes.values())
         msgs = [m async for m in rig.stub.Generate(build_request(LONG_PROMPT, max_tokens=4))]
         assert msgs[-1].finish_reason == router_pb2.LENGTH
+
+    _run(model_dir, body)
+
+
+def test_release_racing_the_lease_leaves_no_lease_behind(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ReleaseKV that lands after prefill finished but before the lease is written (the router gave
+    up at that moment): the lease must not be written back over the release, blocks all free."""
+
+    async def body(rig: Rig) -> None:
+        service, engine = rig.prefill.service, rig.prefill.engine
+        assert service is not None and engine is not None
+        inner, loop = engine.engine, asyncio.get_running_loop()
+        real = inner.kv_block_ids
+
+        def racing(rid: str) -> list[int]:
+            blocks = real(rid)  # the engine thread answers _lease's call; the release is already on its way
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(service.release(rid)))
+            return blocks
+
+        monkeypatch.setattr(inner, "kv_block_ids", racing)
+        # straight to the prefill worker: the release above is the requester's only one
+        request = worker_pb2.PrefillRequest(request_id="raced", prompt_token_ids=_prompt(7),
+                                            sampling=worker_pb2.WorkerSampling(max_tokens=4))
+        async with grpc.aio.insecure_channel(rig.prefill.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.CANCELLED, refused.value
+        monkeypatch.setattr(inner, "kv_block_ids", real)
+        await rig.wait_free()
+        msgs = [m async for m in rig.stub.Generate(build_request(LONG_PROMPT, max_tokens=3))]
+        assert sum(len(m.token_ids) for m in msgs) == 3  # still serving
+        await rig.wait_free()
 
     _run(model_dir, body)
 
