@@ -145,6 +145,19 @@ class PrefillReplicaActor(_PoolReplica):
         """Fault injection for tests and drills: the next n KV pulls from rank 0 fail."""
         self.prefill.sources[0].fail_next_pulls(n)
 
+    async def held_requests(self) -> list[dict[str, Any]]:
+        """Diagnostics (leak hunts): every request the prefill engine still knows, with its blocks and
+        whether the service holds a lease for it or is still answering its Prefill call."""
+        service, engine = self.prefill.service, self.prefill.engine
+        if service is None or engine is None:
+            return []
+        inner = engine.engine
+        rows = await engine.call(lambda: [(rid, req.status.value, len(req.block_table))
+                                          for rid, req in inner.requests.items()])
+        return [{"request_id": rid, "status": status, "blocks": blocks, "leased": rid in service.leases,
+                 "running": rid in service.running, "unwanted": rid in service.unwanted}
+                for rid, status, blocks in rows]
+
 
 class DecodeReplicaActor(_PoolReplica):
     async def __init__(self, cfg: DecodeWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it

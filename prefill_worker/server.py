@@ -209,6 +209,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.engine.abort(rid)
 
     async def release(self, rid: str) -> bool:
+        """Ends rid's lease and frees its blocks; runs to the end even when the caller is cancelled
+        (a ReleaseKV whose deadline passes mid-way used to leave the blocks held with no lease)."""
+        return await asyncio.shield(self._release(rid))
+
+    async def _release(self, rid: str) -> bool:
         lease = self.leases.pop(rid, None)
         if lease is None:
             if rid in self.running:

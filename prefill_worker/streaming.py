@@ -117,6 +117,8 @@ async def stream_prefill(svc: PrefillService, rid: str, prompt: list[int], param
         if expiry is None:  # ended before a step showed its blocks
             expiry = _open_lease(svc, rid, len(blocks))
             yield early_message(svc, rid, len(prompt), expiry)
+        if rid not in svc.leases:  # released meanwhile (ReleaseKV or expiry): the requester gave up
+            await context.abort(grpc.StatusCode.CANCELLED, f"{rid} was released before its prefill ended")
         svc.leases[rid] = (svc.leases[rid][0], len(blocks))
         await _update(svc, rid, Progress(blocks, len(blocks)), expiry, out.token_ids[0])
         yield _final(svc, rid, len(prompt), expiry, out)

@@ -298,6 +298,29 @@ def test_release_racing_the_lease_leaves_no_lease_behind(model_dir: Path, monkey
     _run(model_dir, body)
 
 
+def test_release_cancelled_mid_way_still_frees_the_blocks(model_dir: Path) -> None:
+    """A ReleaseKV whose deadline passes while it runs (its handler is cancelled after the lease was
+    dropped): the blocks must still be freed, not left held with no lease (the soak's leak)."""
+
+    async def body(rig: Rig) -> None:
+        service = rig.prefill.service
+        assert service is not None
+        request = worker_pb2.PrefillRequest(request_id="kept", prompt_token_ids=_prompt(8),
+                                            sampling=worker_pb2.WorkerSampling(max_tokens=4))
+        async with grpc.aio.insecure_channel(rig.prefill.address) as channel:
+            await worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(request, timeout=30)
+        assert "kept" in service.leases
+        release = asyncio.ensure_future(service.release("kept"))
+        for _ in range(2):  # let it drop the lease and reach its first await, then cancel it there
+            await asyncio.sleep(0)
+        release.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await release
+        await rig.wait_free()
+
+    _run(model_dir, body)
+
+
 def test_decode_replica_lost_mid_stream_migrates_and_output_is_unchanged(model_dir: Path) -> None:
     async def body(rig: Rig) -> None:
         request = build_request(LONG_PROMPT, max_tokens=60, ignore_eos=True)

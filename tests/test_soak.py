@@ -142,7 +142,7 @@ def test_soak_every_request_ends_defined_no_leak_no_hang(cluster: RunningCluster
     try:
         free: Any = _wait_all_free(cluster.address, within=15.0)
     except AssertionError as e:
-        free = str(e)
+        free = f"{e}\nprefill engine still holds: {prefill.held_requests.remote().result()}"
     after = {name: _rss_mib(pid) for name, pid in pids.items()}
     report = {"requests": REQUESTS, "seconds": round(elapsed, 1), "outcomes": dict(outcomes),
               "rss_mib_before": before, "rss_mib_after": after, "blocks_free": free}
