@@ -182,26 +182,37 @@ def main() -> int:
     return 0
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Exposed transfer per request, streaming off vs on, with the raw pull time for scale."""
+def new_axes() -> Any:
+    """One small matplotlib figure (Agg backend) for these benchmarks' plots; save with save()."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6, 3.5))[1]
+
+
+def save(ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
+    plt.close(ax.figure)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Exposed transfer per request, streaming off vs on, with the raw pull time for scale."""
     off, on = result["off"]["exposed_ms"], result["on"]["exposed_ms"]
     xs = range(len(off))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax = new_axes()
     ax.bar([x - 0.2 for x in xs], off, width=0.4, label="streaming off")
     ax.bar([x + 0.2 for x in xs], on, width=0.4, label="streaming on")
     ax.axhline(result["raw_transfer_ms_p50"], color="grey", linestyle="--", label="raw pull (off), per request")
     ax.set(xlabel="request", ylabel="exposed transfer (ms)",
            title=f"{result['prompt_len']}-token prompts, {result['chunk_tokens']}-token chunks: "
                  f"{100 * result['hidden_fraction']:.0f}% hidden")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(ax, path)
 
 
 if __name__ == "__main__":

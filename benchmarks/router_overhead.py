@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kv_streaming import running  # noqa: E402
+from kv_streaming import new_axes, running, save  # noqa: E402
 
 from deploy.config import DeployConfig, parse_config  # noqa: E402
 
@@ -128,20 +128,12 @@ def main() -> int:
 
 
 def plot_cdf(values: list[float], concurrency: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax = new_axes()
     ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], drawstyle="steps-post")
     ax.axvline(1.0, color="grey", linestyle="--", label="goal: p50 < 1 ms")
     ax.set(xlabel="router overhead per request (ms)", ylabel="fraction of requests",
            title=f"client TTFT - replica TTFT, {concurrency} concurrent")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(ax, path)
 
 
 if __name__ == "__main__":
