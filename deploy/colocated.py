@@ -56,7 +56,7 @@ class LocalStats:
 def _in_place(endpoint: str) -> RankLease:
     """A 'rank' whose lease is the engine's held blocks themselves: nothing to register."""
 
-    async def lease(rid: str, blocks: list[int], expiry: float) -> None:
+    async def lease(rid: str, blocks: list[int], expiry: float, token: bytes) -> None:
         return None
 
     async def unlease(rid: str) -> None:

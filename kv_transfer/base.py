@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -102,6 +103,7 @@ class KVSource(ABC):
         self.tp_size = tp_size
         self.num_kv_heads = num_kv_heads
         self._leases: dict[str, tuple[frozenset[int], float]] = {}
+        self._tokens: dict[str, bytes] = {}  # lease secrets; a lease without one accepts any pull
         self._streams: dict[str, StreamedLease] = {}  # streamed leases: blocks computed so far
         self._fail_next = 0
         self._lock = threading.Lock()  # torch_dist serves from threads
@@ -116,26 +118,29 @@ class KVSource(ABC):
     async def close(self) -> None:
         """Stops serving and frees the backend's resources; leases are dropped."""
 
-    def lease(self, request_id: str, block_ids: Sequence[int], expiry: float) -> None:
-        """Allows pulls of block_ids for request_id until expiry (unix seconds)."""
+    def lease(self, request_id: str, block_ids: Sequence[int], expiry: float, token: bytes = b"") -> None:
+        """Allows pulls of block_ids for request_id until expiry (unix seconds); with a token, only
+        pulls whose PullRequest.lease_token equals it."""
         num_blocks = self.kv.shape[0]
         if any(not 0 <= b < num_blocks for b in block_ids):
             raise TransferError(f"lease of {request_id}: block id out of [0, {num_blocks})")
         with self._lock:
             self._leases[request_id] = (frozenset(block_ids), expiry)
+            self._tokens[request_id] = token
 
     def unlease(self, request_id: str) -> None:
         with self._lock:
             self._leases.pop(request_id, None)
+            self._tokens.pop(request_id, None)
             self._streams.pop(request_id, None)
 
     def stream_lease(self, request_id: str, block_ids: Sequence[int], ready_blocks: int, expiry: float,
-                     first_token: int | None = None) -> None:
+                     first_token: int | None = None, token: bytes = b"") -> None:
         """A streamed lease (kv_transfer.streaming): the request's block table so far, of which the
         first ready_blocks hold computed KV; first_token once the prefill ended. Called again as the
         prefill advances; pulls by index (PullRequest.by_index) are answered once their blocks are
         ready."""
-        self.lease(request_id, block_ids, expiry)
+        self.lease(request_id, block_ids, expiry, token)
         with self._lock:
             self._streams[request_id] = StreamedLease(tuple(block_ids), ready_blocks, first_token)
 
@@ -176,6 +181,7 @@ class KVSource(ABC):
             gone = [rid for rid, (_, expiry) in self._leases.items() if expiry < now]
             for rid in gone:
                 del self._leases[rid]
+                self._tokens.pop(rid, None)
         return gone
 
     def fail_next_pulls(self, n: int) -> None:
@@ -230,6 +236,9 @@ class KVSource(ABC):
             if lease is None:
                 return f"no lease for request {req.request_id!r}"
             ids, expiry = lease
+            token = self._tokens.get(req.request_id, b"")
+            if token and not hmac.compare_digest(token, req.lease_token):
+                return f"wrong lease token for request {req.request_id!r}"
             if expiry < time.time():
                 del self._leases[req.request_id]
                 return f"lease of {req.request_id!r} expired"
@@ -338,6 +347,7 @@ class KVPuller(ABC):
             head_end=plan.src_heads[1],
             segments=segments,
             by_index=by_index,
+            lease_token=handle.lease_token,
         )
         return await self._pull_shard(shard.endpoint, req, dst, plan.dst_heads, deadline)
 

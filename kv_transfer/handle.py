@@ -28,6 +28,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise TransferError(f"unsupported KV dtype {dtype}")
 
 
+MAX_LEASE_TOKEN_BYTES = 64
+
+
 @dataclass(frozen=True, slots=True)
 class RankShard:
     rank: int
@@ -47,6 +50,7 @@ class KVHandle:
     tp_size: int  # prefill TP
     shards: tuple[RankShard, ...]
     lease_expiry: float  # unix seconds
+    lease_token: bytes = b""  # the lease's secret: a source answers only pulls that carry it
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +75,8 @@ class KVHandle:
             raise TransferError(
                 f"num_kv_heads={self.num_kv_heads} not divisible by tp_size={self.tp_size}"
             )
+        if len(self.lease_token) > MAX_LEASE_TOKEN_BYTES:
+            raise TransferError(f"KVHandle.lease_token of {len(self.lease_token)} bytes (at most {MAX_LEASE_TOKEN_BYTES})")
         if len(self.shards) != self.tp_size:
             raise TransferError(f"{len(self.shards)} shards for tp_size={self.tp_size}")
         for i, shard in enumerate(self.shards):
@@ -104,6 +110,7 @@ class KVHandle:
                 for s in self.shards
             ],
             lease_expiry=self.lease_expiry,
+            lease_token=self.lease_token,
         )
 
     @classmethod
@@ -123,4 +130,5 @@ class KVHandle:
                 for s in msg.shards
             ),
             lease_expiry=msg.lease_expiry,
+            lease_token=msg.lease_token,
         )

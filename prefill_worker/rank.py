@@ -40,15 +40,17 @@ def init_group(spec: GroupSpec, rank: int, device: str) -> TPInfo:
     return TPInfo(rank=rank, world_size=spec.world_size, group=dist.group.WORLD)
 
 
-def encode_lease(request_id: str, block_ids: list[int], expiry: float) -> bytes:
-    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry)
+def encode_lease(request_id: str, block_ids: list[int], expiry: float, token: bytes) -> bytes:
+    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry, lease_token=token)
     shard.shards.add(block_ids=block_ids)
     return shard.SerializeToString()
 
 
-def encode_stream_lease(request_id: str, block_ids: list[int], ready_blocks: int, expiry: float) -> bytes:
+def encode_stream_lease(request_id: str, block_ids: list[int], ready_blocks: int, expiry: float,
+                        token: bytes) -> bytes:
     """A streamed lease for a follower rank (num_tokens carries the ready block count)."""
-    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry, num_tokens=ready_blocks)
+    shard = kv_pb2.KVHandle(request_id=request_id, lease_expiry=expiry, num_tokens=ready_blocks,
+                            lease_token=token)
     shard.shards.add(block_ids=block_ids)
     return shard.SerializeToString()
 
@@ -85,12 +87,13 @@ class PrefillRank:
     def lease(self, lease: bytes) -> None:
         msg = kv_pb2.KVHandle.FromString(lease)
         assert self.source is not None
-        self.source.lease(msg.request_id, list(msg.shards[0].block_ids), msg.lease_expiry)
+        self.source.lease(msg.request_id, list(msg.shards[0].block_ids), msg.lease_expiry, msg.lease_token)
 
     def stream_lease(self, lease: bytes) -> None:
         msg = kv_pb2.KVHandle.FromString(lease)
         assert self.source is not None
-        self.source.stream_lease(msg.request_id, list(msg.shards[0].block_ids), msg.num_tokens, msg.lease_expiry)
+        self.source.stream_lease(msg.request_id, list(msg.shards[0].block_ids), msg.num_tokens, msg.lease_expiry,
+                                 token=msg.lease_token)
 
     def unlease(self, request_id: str) -> None:
         assert self.source is not None

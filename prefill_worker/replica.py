@@ -132,27 +132,29 @@ class PrefillReplica:
 
 
 def _local_lease(source: KVSource, endpoint: str) -> RankLease:
-    async def lease(rid: str, blocks: list[int], expiry: float) -> None:
-        source.lease(rid, blocks, expiry)
+    async def lease(rid: str, blocks: list[int], expiry: float, token: bytes) -> None:
+        source.lease(rid, blocks, expiry, token)
 
     async def unlease(rid: str) -> None:
         source.unlease(rid)
 
-    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None) -> None:
-        source.stream_lease(rid, blocks, ready, expiry, first)
+    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None,
+                           token: bytes) -> None:
+        source.stream_lease(rid, blocks, ready, expiry, first, token)
 
     return RankLease(0, endpoint, lease, unlease, stream_lease)
 
 
 def _remote_lease(actor: Any, rank: int, endpoint: str) -> RankLease:
-    async def lease(rid: str, blocks: list[int], expiry: float) -> None:
-        await actor.lease.remote(encode_lease(rid, blocks, expiry))
+    async def lease(rid: str, blocks: list[int], expiry: float, token: bytes) -> None:
+        await actor.lease.remote(encode_lease(rid, blocks, expiry, token))
 
     async def unlease(rid: str) -> None:
         await actor.unlease.remote(rid)
 
-    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None) -> None:
-        await actor.stream_lease.remote(encode_stream_lease(rid, blocks, ready, expiry))
+    async def stream_lease(rid: str, blocks: list[int], ready: int, expiry: float, first: int | None,
+                           token: bytes) -> None:
+        await actor.stream_lease.remote(encode_stream_lease(rid, blocks, ready, expiry, token))
 
     return RankLease(rank, endpoint, lease, unlease, stream_lease)
 

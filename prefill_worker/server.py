@@ -18,6 +18,9 @@ rank died, a collective failed) is UNAVAILABLE at once, so the router retries on
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,10 +40,11 @@ class RankLease:
 
     rank: int
     endpoint: str
-    lease: Callable[[str, list[int], float], Awaitable[None]]
+    lease: Callable[[str, list[int], float, bytes], Awaitable[None]]  # request id, blocks, expiry, token
     unlease: Callable[[str], Awaitable[None]]
-    # streamed lease (PrefillStream): request id, block table so far, ready blocks, expiry, first token
-    stream_lease: Callable[[str, list[int], int, float, int | None], Awaitable[None]] | None = None
+    # streamed lease (PrefillStream): request id, block table so far, ready blocks, expiry, first token,
+    # lease token
+    stream_lease: Callable[[str, list[int], int, float, int | None, bytes], Awaitable[None]] | None = None
 
 
 # Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
@@ -72,6 +76,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.running: set[str] = set()   # Prefill calls not answered yet
         self.unwanted: set[str] = set()  # released while still running: free the lease at once
         self.stream_chunk_blocks = 1  # PrefillStream: blocks per pull (the replica sets its chunk)
+        self._token_key = secrets.token_bytes(32)  # lease tokens are derived from it (lease_token())
+
+    def lease_token(self, rid: str) -> bytes:
+        """The secret a puller must present for rid's KV: a keyed hash of the request id under this
+        replica's random key (nothing to store; unguessable from outside)."""
+        return hmac.new(self._token_key, rid.encode(), hashlib.sha256).digest()[:16]
 
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -169,7 +179,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self._check_still_leased(rid, timer)
             self.leases[rid] = (timer, len(blocks))
             expiry = time.time() + self.lease_seconds
-            await asyncio.gather(*(r.lease(rid, list(blocks), expiry) for r in self.ranks))
+            token = self.lease_token(rid)
+            await asyncio.gather(*(r.lease(rid, list(blocks), expiry, token) for r in self.ranks))
             self._check_still_leased(rid, timer)
         except BaseException:
             await asyncio.shield(self._drop_lease(rid, timer))
@@ -186,6 +197,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             tp_size=len(self.ranks),
             shards=tuple(RankShard(r.rank, r.endpoint, tuple(blocks)) for r in self.ranks),
             lease_expiry=expiry,
+            lease_token=token,
         )
 
     def _check_still_leased(self, rid: str, timer: asyncio.TimerHandle) -> None:

@@ -59,6 +59,7 @@ def streamed_handle(svc: PrefillService, rid: str, num_tokens: int, expiry: floa
         num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         dtype=svc.dtype, tp_size=len(svc.ranks),
         shards=tuple(RankShard(r.rank, r.endpoint, ()) for r in svc.ranks), lease_expiry=expiry,
+        lease_token=svc.lease_token(rid),
     )
 
 
@@ -71,7 +72,8 @@ def early_message(svc: PrefillService, rid: str, num_tokens: int, expiry: float)
 async def _update(svc: PrefillService, rid: str, progress: Progress, expiry: float,
                   first_token: int | None = None) -> None:
     blocks = list(progress.block_ids)
-    await asyncio.gather(*(r.stream_lease(rid, blocks, progress.ready_blocks, expiry, first_token)
+    token = svc.lease_token(rid)
+    await asyncio.gather(*(r.stream_lease(rid, blocks, progress.ready_blocks, expiry, first_token, token)
                            for r in svc.ranks if r.stream_lease is not None))
 
 

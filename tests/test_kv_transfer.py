@@ -165,6 +165,23 @@ def test_fake_refusals() -> None:
     asyncio.run(main())
 
 
+def test_lease_token_is_required_when_the_lease_has_one() -> None:
+    async def main() -> None:
+        reg = FakeRegistry()
+        (src,), handle = await _sources(reg, 1, (1, 2))
+        src.lease("r1", [1, 2], time.time() + 60, token=b"secret-of-r1")
+        puller = FakePuller(torch.zeros(16, L, 2, H, B, D), 0, 1, H, registry=reg)
+        for wrong in (b"", b"secret-of-r2"):  # a request id alone, or another lease's secret
+            with pytest.raises(TransferError, match="wrong lease token"):
+                await puller.pull(dataclasses.replace(handle, lease_token=wrong), [0, 1], timeout=5)
+        await puller.pull(dataclasses.replace(handle, lease_token=b"secret-of-r1"), [0, 1], timeout=5)
+        assert torch.equal(puller.kv[[0, 1]], src.kv[[1, 2]])
+        with pytest.raises(TransferError, match="lease_token"):
+            dataclasses.replace(handle, lease_token=b"x" * 65).validate()
+
+    asyncio.run(main())
+
+
 def test_source_rejects_hostile_requests() -> None:
     src = FakeSource(make_kv(8, H), 0, 1, H, registry=FakeRegistry())
     src.lease("r", [1, 2, 3], time.time() + 60)

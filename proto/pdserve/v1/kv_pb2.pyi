@@ -17,7 +17,7 @@ class RankShard(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "tp_size", "shards", "lease_expiry", "stream_chunk_blocks")
+    __slots__ = ("request_id", "num_tokens", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "tp_size", "shards", "lease_expiry", "stream_chunk_blocks", "lease_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class KVHandle(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
     STREAM_CHUNK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     block_size: int
@@ -40,10 +41,11 @@ class KVHandle(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[RankShard]
     lease_expiry: float
     stream_chunk_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ..., stream_chunk_blocks: _Optional[int] = ...) -> None: ...
+    lease_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ..., stream_chunk_blocks: _Optional[int] = ..., lease_token: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address", "by_index")
+    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address", "by_index", "lease_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class PullRequest(_message.Message):
     TAG_FIELD_NUMBER: _ClassVar[int]
     REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     head_start: int
@@ -60,7 +63,8 @@ class PullRequest(_message.Message):
     tag: int
     reply_address: bytes
     by_index: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ..., by_index: _Optional[bool] = ...) -> None: ...
+    lease_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ..., by_index: _Optional[bool] = ..., lease_token: _Optional[bytes] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("ok", "error", "payload_bytes", "first_token")
