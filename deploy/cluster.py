@@ -96,10 +96,25 @@ class Cluster:
         from ray import serve
 
         if not ray.is_initialized():
-            ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace, log_to_driver=False)
+            self._init_ray()
             self._started_ray = self.cfg.ray.address is None
         serve.start(proxy_location="Disabled")
         self._run_apps(self.cfg, ("prefill", "decode"), initial=True)
+
+    def _init_ray(self) -> None:
+        """ray.init; a local Ray whose node did not register in time (seen right after another local
+        Ray shut down on a busy machine) is shut down and started once more."""
+        import ray
+
+        for attempt in (1, 2):
+            try:
+                ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace, log_to_driver=False)
+                return
+            except Exception as exc:
+                if attempt == 2 or self.cfg.ray.address is not None or "timed out during startup" not in str(exc):
+                    raise
+                log.warning("local Ray did not start (%s); starting it again", exc)
+                ray.shutdown()
 
     def _run_apps(self, cfg: DeployConfig, pools: tuple[str, ...], initial: bool) -> None:
         """serve.run each pool's application (blocks until its replicas are up)."""
