@@ -102,8 +102,8 @@ class KVSource(ABC):
         self.rank = rank
         self.tp_size = tp_size
         self.num_kv_heads = num_kv_heads
-        self._leases: dict[str, tuple[frozenset[int], float]] = {}
-        self._tokens: dict[str, bytes] = {}  # lease secrets; a lease without one accepts any pull
+        # request id -> (leased block ids, expiry, token); a lease with an empty token accepts any pull
+        self._leases: dict[str, tuple[frozenset[int], float, bytes]] = {}
         self._streams: dict[str, StreamedLease] = {}  # streamed leases: blocks computed so far
         self._fail_next = 0
         self._lock = threading.Lock()  # torch_dist serves from threads
@@ -125,13 +125,11 @@ class KVSource(ABC):
         if any(not 0 <= b < num_blocks for b in block_ids):
             raise TransferError(f"lease of {request_id}: block id out of [0, {num_blocks})")
         with self._lock:
-            self._leases[request_id] = (frozenset(block_ids), expiry)
-            self._tokens[request_id] = token
+            self._leases[request_id] = (frozenset(block_ids), expiry, token)
 
     def unlease(self, request_id: str) -> None:
         with self._lock:
             self._leases.pop(request_id, None)
-            self._tokens.pop(request_id, None)
             self._streams.pop(request_id, None)
 
     def stream_lease(self, request_id: str, block_ids: Sequence[int], ready_blocks: int, expiry: float,
@@ -172,16 +170,15 @@ class KVSource(ABC):
         """Blocks under a lease that has not expired."""
         now = time.time()
         with self._lock:
-            return sum(len(ids) for ids, expiry in self._leases.values() if expiry >= now)
+            return sum(len(ids) for ids, expiry, _ in self._leases.values() if expiry >= now)
 
     def expired(self, now: float | None = None) -> list[str]:
         """Drops and returns the request ids whose lease ran out (the worker frees their blocks)."""
         now = time.time() if now is None else now
         with self._lock:
-            gone = [rid for rid, (_, expiry) in self._leases.items() if expiry < now]
+            gone = [rid for rid, (_, expiry, _) in self._leases.items() if expiry < now]
             for rid in gone:
                 del self._leases[rid]
-                self._tokens.pop(rid, None)
         return gone
 
     def fail_next_pulls(self, n: int) -> None:
@@ -235,8 +232,7 @@ class KVSource(ABC):
             lease = self._leases.get(req.request_id)
             if lease is None:
                 return f"no lease for request {req.request_id!r}"
-            ids, expiry = lease
-            token = self._tokens.get(req.request_id, b"")
+            ids, expiry, token = lease
             if token and not hmac.compare_digest(token, req.lease_token):
                 return f"wrong lease token for request {req.request_id!r}"
             if expiry < time.time():

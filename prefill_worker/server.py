@@ -208,17 +208,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             raise LeaseLost(f"{rid} was released while its KV was being leased")
 
     async def _drop_lease(self, rid: str, timer: asyncio.TimerHandle) -> None:
-        """_lease failed or lost a race: free everything it may have leased (a lease of another
-        call with the same id is left alone)."""
+        """_lease failed or lost a race (run shielded): free everything it may have leased."""
         entry = self.leases.get(rid)
         if entry is not None and entry[0] is timer:
-            await self.release(rid)
-            return
-        timer.cancel()
-        if rid in self.running:
-            self.unwanted.add(rid)
-        await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
-        self.engine.abort(rid)
+            await self._release(rid)
+        else:  # a release came first; its unlease may have run before the ranks' lease was written
+            await self._free(rid)
 
     async def release(self, rid: str) -> bool:
         """Ends rid's lease and frees its blocks; runs to the end even when the caller is cancelled
@@ -232,9 +227,13 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 self.unwanted.add(rid)
             return False
         lease[0].cancel()
+        await self._free(rid)
+        return True
+
+    async def _free(self, rid: str) -> None:
+        """Unleases rid on every rank, then frees its held blocks."""
         await asyncio.gather(*(r.unlease(rid) for r in self.ranks), return_exceptions=True)
         self.engine.abort(rid)  # frees the held blocks; works on a dead engine too (a no-op)
-        return True
 
     async def ReleaseKV(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
