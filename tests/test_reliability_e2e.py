@@ -134,9 +134,22 @@ def _prompt(seed: int, n: int = 40) -> list[int]:
     return torch.randint(1, 1000, (n,), generator=g).tolist()
 
 
+def _decode_pids(cl: RunningCluster, within: float = 15.0) -> dict[str, int]:
+    """Replica id -> pid of every ready decode replica. A replica killed by an earlier test stays in
+    the registry until it misses 3 heartbeats, with nothing listening on its address: wait that out."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return {r.replica_id: pid_listening_on(r.address) for r in cl.cluster.router.registry.ready(DECODE)}
+        except LookupError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _kill_decode_mid_stream(cl: RunningCluster, ep: Endpoint, prompt: list[int], max_tokens: int) -> list[int]:
     """Streams, and kill -9s the decode replica serving the request after its first decode message."""
-    pids = {r.replica_id: pid_listening_on(r.address) for r in cl.cluster.router.registry.ready(DECODE)}
+    pids = _decode_pids(cl)
     got: list[int] = []
     killed = False
     for chunk in client.generate_stream(ep, prompt, max_tokens=max_tokens, ignore_eos=True, timeout=60):
