@@ -65,6 +65,24 @@ async def _within(deadline: float | None, aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, max(1e-3, deadline - time.monotonic()))
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks an abandoned task's outcome as seen (asyncio logs unseen failures)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _open_endpoint(host: str, port: int, timeout: float) -> Any:
+    """A connection to a UCX listener, or TransferError. ucxx holds a half-made endpoint only in
+    its own frames; if they outlived a failure (kept by the exception's traceback) the endpoint
+    would be freed later by the garbage collector on whatever thread ran it, which can crash the
+    process. So the error is re-raised bare, after the original and its frames are gone."""
+    try:
+        return await ucxx.create_endpoint(host, port, endpoint_error_handling=True, connect_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - any failure to connect is a TransferError
+        reason = f"{type(e).__name__}: {e}"
+    raise TransferError(f"cannot connect to KV source {host}:{port}: {reason}")
+
+
 MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
 
@@ -198,11 +216,14 @@ class UCXPuller(KVPuller):
         self._locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._address: bytes | None = None  # this process's UCX worker address
+        self._connecting: set[asyncio.Future[Any]] = set()  # connections given up on, still being made
 
     async def close(self) -> None:
         for endpoint in list(self._eps):
             self._drop(endpoint)
         self._locks.clear()
+        if self._connecting:  # let abandoned connections end (and close) on this loop
+            await asyncio.wait(set(self._connecting), timeout=self.config.connect_timeout + 1.0)
 
     async def _pull_shard(
         self,
@@ -258,6 +279,7 @@ class UCXPuller(KVPuller):
         finally:
             for task in (reply, payload):
                 task.cancel()  # no-op when done; the caller's abort cancels the UCX requests
+                task.add_done_callback(_retrieved)
         landing.finish()
         return response
 
@@ -272,15 +294,25 @@ class UCXPuller(KVPuller):
             return ep
         host, _, port = endpoint.rpartition(":")
         timeout = min(self.config.connect_timeout, max(1e-3, deadline - time.monotonic()))
+        # Never cancelled half-way (see _open_endpoint): a connection given up on runs to its end
+        # and is closed then.
+        making = asyncio.ensure_future(_open_endpoint(host, int(port), timeout))
         try:
-            ep = await asyncio.wait_for(
-                ucxx.create_endpoint(host, int(port), endpoint_error_handling=True, connect_timeout=timeout),
-                timeout,
-            )
-        except Exception as e:
-            raise TransferError(f"cannot connect to KV source {endpoint}: {type(e).__name__}: {e}") from e
+            ep = await asyncio.wait_for(asyncio.shield(making), timeout + 1.0)
+        except BaseException as e:
+            self._connecting.add(making)
+            making.add_done_callback(self._discard_connection)
+            if isinstance(e, TransferError) or not isinstance(e, Exception):
+                raise
+            raise TransferError(f"cannot connect to KV source {endpoint}: {type(e).__name__}") from None
         self._eps[endpoint] = ep
         return ep
+
+    def _discard_connection(self, making: asyncio.Future[Any]) -> None:
+        """Closes a connection nobody waits for any more."""
+        self._connecting.discard(making)
+        if not making.cancelled() and making.exception() is None:
+            making.result().abort()
 
     def _drop(self, endpoint: str) -> None:
         ep = self._eps.pop(endpoint, None)

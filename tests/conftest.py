@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _free_leftovers_here() -> Iterator[None]:
+    """A test's leftover reference cycles are freed on the main thread as it ends, never by a
+    collection that a later test's worker thread happens to trigger (objects of ucxx and grpc.aio
+    must not be finalized on a foreign thread after their event loop closed)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -186,14 +186,16 @@ async def raw_exchange(backend: str, endpoint: str, data: bytes, claimed: int | 
 
         host, _, port = endpoint.rpartition(":")
         ep = await ucxx.create_endpoint(host, int(port))
-        if claimed is None:
-            await send_message(ep, data)
-        else:
-            import numpy as np
+        try:
+            if claimed is None:
+                await send_message(ep, data)
+            else:
+                import numpy as np
 
-            await ep.send(np.array([claimed], dtype="<u8"))
-        reply = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), 10)
-        ep.abort()
+                await ep.send(np.array([claimed], dtype="<u8"))
+            reply = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), 10)
+        finally:
+            ep.abort()
         return kv_pb2.PullResponse.FromString(reply or b"")
     from kv_transfer.torch_dist import TorchDistPuller
 
@@ -271,6 +273,43 @@ def test_dead_source_fails_within_timeout(backend: str) -> None:
                 await puller.pull(handle, [3, 4], timeout=3)
             assert time.monotonic() - t0 < 10  # timeout 3 s, plus slack for a loaded machine
         await puller.close()
+
+    asyncio.run(main())
+
+
+def test_ucx_connections_failed_or_given_up_leave_no_endpoint_behind() -> None:
+    """A pull to a port that accepts TCP but never speaks UCX: once when the connect times out, once
+    when the pull is cancelled while connecting. Afterwards no UCX endpoint may be left alive (an
+    endpoint left to the garbage collector is finalized on whatever thread runs it, which once
+    crashed the test process), and even the kept TransferError holds none."""
+    import gc
+    import socket
+
+    import ucxx._lib.libucxx as ucx_api
+
+    from kv_transfer.ucx import UCXConfig, UCXPuller
+
+    def live_endpoints() -> int:
+        return sum(type(o) is ucx_api.UCXEndpoint for o in gc.get_objects())
+
+    async def main() -> None:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            handle = KVHandle("s", 2 * B, B, L, H, D, "float32", 1,
+                              (RankShard(0, f"127.0.0.1:{silent.getsockname()[1]}", (1, 2)),), time.time() + 60)
+            puller = UCXPuller(torch.zeros(N, L, 2, H, B, D), 0, 1, H, UCXConfig(connect_timeout=0.5))
+            with pytest.raises(TransferError, match="cannot connect") as failed:
+                await puller.pull(handle, [3, 4], timeout=10)
+            cancelled = asyncio.ensure_future(puller.pull(handle, [3, 4], timeout=10))
+            await asyncio.sleep(0.2)
+            assert live_endpoints() == 1  # the connection being made
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await puller.close()  # waits for the abandoned connection to end
+            assert failed.value is not None
+            assert live_endpoints() == 0
 
     asyncio.run(main())
 
