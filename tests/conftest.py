@@ -13,6 +13,8 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()  # what the imports made lives on: the collection after each test skips it
 
 
 @pytest.fixture(autouse=True)
