@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 proto: $(STAMP)
-	$(PY) -m proto.generate
+	$(PY) proto/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """KV pull bandwidth between two processes (source in a spawned process, puller here) against an
 in-process memcpy of the same bytes, for the UCX and torch.distributed backends.
 
-    python benchmarks/kv_transfer.py [--sizes 1,4,16,64,256] [--repeats 5] [--backends ucx,torch]
+    python benchmarks/kv_transfer.py [--sizes 1,4,16,64,256] [--repeats 5] [--backends ucx,ucx-payload,torch]
                                      [--pattern contiguous|scattered] [--no-shm] [--tls TLS]
 
 One block is 1 MiB (8 layers, K+V, 8 heads, 16 tokens, head_dim 64, fp32). `contiguous` pulls a
@@ -27,12 +27,14 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
+from engine.kv_cache import shareable_zeros  # noqa: E402 - after the sys.path fix above
+
 L, H, B, D = 8, 8, 16, 64  # one block: L * 2 * H * B * D * 4 bytes = 1 MiB
 BLOCK_BYTES = L * 2 * H * B * D * 4
 
 
 def make_source(backend: str, kv: torch.Tensor) -> Any:
-    if backend == "ucx":
+    if backend.startswith("ucx"):
         from kv_transfer.ucx import UCXSource
 
         return UCXSource(kv, 0, 1, H)
@@ -42,10 +44,11 @@ def make_source(backend: str, kv: torch.Tensor) -> Any:
 
 
 def make_puller(backend: str, kv: torch.Tensor, shm: bool) -> Any:
-    if backend == "ucx":
+    if backend.startswith("ucx"):
         from kv_transfer.ucx import UCXConfig, UCXPuller
 
-        return UCXPuller(kv, 0, 1, H, UCXConfig(shared_memory=shm))
+        config = UCXConfig(shared_memory=shm, same_host_read=backend == "ucx")
+        return UCXPuller(kv, 0, 1, H, config)
     from kv_transfer.torch_dist import TorchDistPuller
 
     return TorchDistPuller(kv, 0, 1, H)
@@ -55,7 +58,8 @@ def source_main(backend: str, num_blocks: int, conn: Any) -> None:
     torch.set_num_threads(1)
 
     async def serve() -> None:
-        kv = torch.randn(num_blocks, L, 2, H, B, D)  # [N, L, 2, H, B, D]
+        kv = shareable_zeros((num_blocks, L, 2, H, B, D), torch.float32)  # as the engine allocates it
+        kv.copy_(torch.randn(kv.shape))
         source = make_source(backend, kv)
         conn.send(await source.start("127.0.0.1"))
         source.lease("bench", list(range(num_blocks)), time.time() + 3600)
@@ -109,7 +113,7 @@ def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> lis
         proc.kill()
         raise RuntimeError(f"{backend} source process did not start")
     endpoint = parent.recv()
-    kv = torch.zeros(num_blocks, L, 2, H, B, D)
+    kv = shareable_zeros((num_blocks, L, 2, H, B, D), torch.float32)
     puller = make_puller(backend, kv, not args.no_shm)
     rows = []
 
@@ -132,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,4,16,64,256")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--backends", default="ucx,torch")
+    parser.add_argument("--backends", default="ucx,ucx-payload,torch",
+                        help="ucx: same-host read from the source's pool; ucx-payload: the payload over UCX")
     parser.add_argument("--pattern", choices=["contiguous", "scattered"], default="contiguous")
     parser.add_argument("--no-shm", action="store_true", help="UCX payload over the tcp control connection")
     parser.add_argument("--tls", default=None, help="UCX_TLS for both processes")
@@ -143,10 +148,10 @@ def main() -> None:
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"pattern={args.pattern} shm={not args.no_shm} UCX_TLS={os.environ.get('UCX_TLS', '(default)')}")
-    print(f"{'backend':<8} {'MB':>5} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
+    print(f"{'backend':<11} {'MB':>5} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
     for backend in args.backends.split(","):
         for mb, pull, copy in run_backend(backend, sizes, args):
-            print(f"{backend:<8} {mb:>5} {pull:>10.2f} {copy:>12.2f} {pull / copy:>6.0%}", flush=True)
+            print(f"{backend:<11} {mb:>5} {pull:>10.2f} {copy:>12.2f} {pull / copy:>6.0%}", flush=True)
 
 
 if __name__ == "__main__":

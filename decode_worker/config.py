@@ -21,6 +21,7 @@ class DecodeWorkerConfig:
     registry_address: str = ""
     heartbeat_seconds: float = 0.5
     kv_backend: str = "ucx"
+    kv_same_host_read: bool = True  # ucx: copy from a same-host prefill rank's mapped pool
     transfer_timeout_seconds: float = 10.0
     admission_wait_seconds: float = 5.0  # how long a request may wait for free KV blocks
     replica_id: str = ""

@@ -70,7 +70,8 @@ class DecodeReplica:
     async def start(self) -> str:
         llm = await asyncio.to_thread(self._build_engine)
         self.engine = AsyncEngine(llm, asyncio.get_running_loop())
-        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads)
+        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads,
+                                  same_host_read=self.cfg.kv_same_host_read)
         self.service = service = DecodeService(
             self.engine, self._pull, self._release, self.cfg.transfer_timeout_seconds,
             self.cfg.admission_wait_seconds,

@@ -116,7 +116,8 @@ class ColocatedReplica(DecodeReplica):
     async def start(self) -> str:
         llm = await asyncio.to_thread(self._build_engine)
         self.engine = engine = AsyncEngine(llm, asyncio.get_running_loop())
-        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads)
+        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads,
+                                  same_host_read=self.cfg.kv_same_host_read)
         self.prefill_service = PrefillService(engine, [_in_place(self.endpoint)],
                                               self.colocated.lease_seconds, self.cfg.dtype)
         self.service = ColocatedDecodeService(

@@ -174,6 +174,11 @@ class KVTransferConfig:
     streaming: bool = opt(False, "chunk-wise KV streaming: decode pulls each prefill chunk's KV "
                           "while the next chunk is computed (`prefill.max_num_batched_tokens` "
                           "per pull), hiding the transfer behind prefill")
+    same_host_read: bool = opt(True, "ucx, CPU caches: a decode rank on the prefill rank's host "
+                               "copies the blocks out of the prefill's KV pool itself (a memfd "
+                               "it maps read-only through /proc; same user and pid namespace), "
+                               "one memcpy instead of the UCX payload; falls back to the "
+                               "payload where it cannot map the pool")
     host: str = opt("127.0.0.1", "interface KV sources bind to (`auto` = this node's IP as Ray "
                     "reports it; needed across nodes)", nonempty=True)
 

@@ -223,6 +223,7 @@ def decode_worker_config(cfg: DeployConfig, registry: str) -> DecodeWorkerConfig
         num_kv_blocks=d.num_kv_blocks, max_num_seqs=d.max_num_seqs, torch_threads=d.torch_threads,
         device=d.device, host=cfg.kv_transfer.host, registry_address=registry,
         heartbeat_seconds=cfg.router.heartbeat_seconds, kv_backend=cfg.kv_transfer.backend,
+        kv_same_host_read=cfg.kv_transfer.same_host_read,
         transfer_timeout_seconds=cfg.kv_transfer.timeout_seconds, cpu_affinity=d.cpu_affinity,
     )
 

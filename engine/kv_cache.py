@@ -13,6 +13,10 @@ recently freed first.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
+import os
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -62,7 +66,43 @@ def allocate_kv(
         cache.block_size,
         cfg.head_dim,
     )
+    if torch.device(device).type == "cpu" and hasattr(os, "memfd_create"):
+        return shareable_zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPool:
+    """A CPU cache tensor's memfd: another process on this host (same user) maps it read-only
+    through /proc/<pid>/fd/<fd> and copies blocks out itself (kv_transfer's same-host read)."""
+
+    pid: int
+    fd: int
+    inode: int
+    nbytes: int
+
+
+def shareable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in a memfd mapping (a new memfd reads as zeros: no page is touched here). The fd is
+    closed when the tensor is freed; the mapping lives while any view of it does."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    kv = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
+    kv._pdserve_shared = SharedPool(os.getpid(), fd, os.fstat(fd).st_ino, nbytes)  # type: ignore[attr-defined]
+    weakref.finalize(kv, os.close, fd)
+    return kv
+
+
+def shared_pool(kv: torch.Tensor) -> SharedPool | None:
+    """The memfd behind a cache tensor from allocate_kv, if it has one (CPU on Linux)."""
+    pool = getattr(kv, "_pdserve_shared", None)
+    return pool if isinstance(pool, SharedPool) and pool.pid == os.getpid() else None
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:

@@ -22,12 +22,13 @@ def make_source(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_
     raise ValueError(f"unknown kv_transfer.backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-def make_puller(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> KVPuller:
-    """The decode side of `backend` over one rank's cache."""
+def make_puller(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int,
+                same_host_read: bool = True) -> KVPuller:
+    """The decode side of `backend` over one rank's cache (same_host_read: ucx only)."""
     if backend == "ucx":
-        from kv_transfer.ucx import UCXPuller
+        from kv_transfer.ucx import UCXConfig, UCXPuller
 
-        return UCXPuller(kv, rank, tp_size, num_kv_heads)
+        return UCXPuller(kv, rank, tp_size, num_kv_heads, UCXConfig(same_host_read=same_host_read))
     if backend == "torch":
         from kv_transfer.torch_dist import TorchDistPuller
 

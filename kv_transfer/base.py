@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hmac
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from pdserve.v1 import kv_pb2
+
+from engine.kv_cache import shared_pool
 
 if TYPE_CHECKING:
     from kv_transfer.handle import KVHandle
@@ -108,6 +111,7 @@ class KVSource(ABC):
         self._fail_next = 0
         self._lock = threading.Lock()  # torch_dist serves from threads
         self.pool = _pool()
+        self.local = _local_pool(kv)  # set: pullers on this host may copy from the pool themselves
 
     @abstractmethod
     async def start(self, host: str) -> str:
@@ -205,12 +209,23 @@ class KVSource(ABC):
         error = self._check(req)
         if error:
             return refuse(error)
+        if self.local is not None and req.local_host and req.local_host == HOST_ID:
+            response = kv_pb2.PullResponse(ok=True, first_token=first_token, local=self.local,
+                                           local_block_ids=req.block_ids)  # resolved, if by index
+            return Answer(response, [], req)
         heads = (req.head_start, req.head_end)
         segments = list(req.segments) or [len(req.block_ids)]
         tensors, staged = source_tensors(self.kv, list(req.block_ids), segments, heads, self.pool)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         response = kv_pb2.PullResponse(ok=True, payload_bytes=nbytes, first_token=first_token)
         return Answer(response, tensors, req, staged, self.pool)
+
+    def still_leased(self, req: kv_pb2.PullRequest) -> bool:
+        """Whether req's blocks are leased to it now (answered after a same-host copy: a lease never
+        comes back, so leased at its end means leased throughout)."""
+        with self._lock:
+            lease = self._leases.get(req.request_id)
+        return lease is not None and lease[1] >= time.time() and set(req.block_ids) <= lease[0]
 
     def _resolve(self, req: kv_pb2.PullRequest) -> int | None | str:
         """Turns a by_index request's indices into block ids (in place). Returns the first token when
@@ -376,6 +391,31 @@ class KVPuller(ABC):
             raise TransferError(f"{len(dst_block_ids)} destination blocks for {handle.num_blocks}")
         if any(not 0 <= b < self.kv.shape[0] for b in dst_block_ids):
             raise TransferError(f"destination block id out of [0, {self.kv.shape[0]})")
+
+
+def _host_id() -> str:
+    """This kernel's boot id and this process's pid namespace: two processes with the same id can
+    reach each other through /proc/<pid>. Empty where that does not hold (not Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        ns = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{ns.st_dev}:{ns.st_ino}"
+
+
+HOST_ID = _host_id()
+
+
+def _local_pool(kv: torch.Tensor) -> kv_pb2.LocalPool | None:
+    pool = shared_pool(kv)
+    if pool is None or not HOST_ID:
+        return None
+    n, layers, _, heads, block, dim = kv.shape
+    if pool.nbytes != kv.numel() * kv.element_size():
+        return None  # a view of part of a pool: not what a puller would map
+    return kv_pb2.LocalPool(pid=pool.pid, fd=pool.fd, inode=pool.inode, num_blocks=n, heads=heads)
 
 
 def _pool() -> StagingPool:

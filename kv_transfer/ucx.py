@@ -14,6 +14,10 @@ handling, which lets UCX use shared memory (sysv/posix eager, cma single-copy re
 host; with failure handling on, UCX allows only tcp. Receives stay on the connection's endpoint,
 so a failure or timeout aborts it and cancels every receive posted into the destination blocks.
 
+Same-host read (`UCXConfig.same_host_read`, default on; docs/kv_transfer.md): a source whose
+pool is a memfd answers a puller on its host with where to map it; the puller copies the blocks
+itself and then asks whether they stayed leased. Only control frames cross UCX.
+
 ucxx keeps one context per process: every source and puller in a process shares it (one progress
 thread per event loop); close() releases only this object's listener and endpoints.
 """
@@ -21,8 +25,15 @@ thread per event loop); close() releases only this object's listener and endpoin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
+import math
+import mmap
+import os
 import secrets
 import time
+import warnings
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,6 +44,7 @@ import ucxx
 from pdserve.v1 import kv_pb2
 
 from kv_transfer.base import (
+    HOST_ID,
     MAX_REQUEST_BYTES,
     KVPuller,
     KVSource,
@@ -43,6 +55,7 @@ from kv_transfer.base import (
 from kv_transfer.payload import make_landing
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +64,7 @@ class UCXConfig:
     connect_timeout: float = 5.0  # seconds; also bounded by the pull's timeout
     send_timeout: float = 30.0  # source: a payload not taken within this aborts the connection
     shared_memory: bool = True  # puller: payload over a failure-handling-free endpoint (sm/cma)
+    same_host_read: bool = True  # puller: copy from a same-host source's mapped pool (no payload)
 
 
 def as_buffer(t: torch.Tensor) -> Any:
@@ -63,6 +77,33 @@ async def _within(deadline: float | None, aw: Awaitable[T]) -> T:
     if deadline is None:
         return await aw
     return await asyncio.wait_for(aw, max(1e-3, deadline - time.monotonic()))
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int],
+                src_heads: tuple[int, int], dst_heads: tuple[int, int]) -> None:
+    """dst[dst_ids[i], :, :, dst_heads] = src[src_ids[i], :, :, src_heads], one copy per run of
+    blocks consecutive on both sides."""
+    (s0, s1), (d0, d1) = src_heads, dst_heads
+    i = 0
+    while i < len(src_ids):
+        j = i + 1
+        while j < len(src_ids) and src_ids[j] == src_ids[j - 1] + 1 and dst_ids[j] == dst_ids[j - 1] + 1:
+            j += 1
+        a, b, n = src_ids[i], dst_ids[i], j - i
+        dst[b : b + n, :, :, d0:d1].copy_(src[a : a + n, :, :, s0:s1])
+        i = j
+
+
+async def _uncancelled(fut: asyncio.Future[Any]) -> None:
+    """Awaits fut (work writing into our blocks); cancelled meanwhile, still lets it end before
+    the cancellation goes on, so the blocks are not freed under it."""
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        raise
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -83,6 +124,7 @@ async def _open_endpoint(host: str, port: int, timeout: float) -> Any:
     raise TransferError(f"cannot connect to KV source {host}:{port}: {reason}")
 
 
+INLINE_COPY_BYTES = 8 << 20  # same-host reads up to this size copy on the event loop's thread
 MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
 
@@ -161,6 +203,9 @@ class UCXSource(KVSource):
             return False
         await self.wait_ready(data, self.config.send_timeout)
         answer = self.answer(data)
+        if answer.response.HasField("local") and answer.request is not None:
+            await self._local_read(ep, answer.response, answer.request)
+            return True
         target = ep
         if answer.response.ok and answer.request is not None and answer.request.reply_address:
             try:
@@ -187,6 +232,20 @@ class UCXSource(KVSource):
             raise
         answer.sent()
         return True
+
+    async def _local_read(self, ep: Any, response: kv_pb2.PullResponse, request: kv_pb2.PullRequest) -> None:
+        """Same-host read: the puller copies from the pool, says when it is done, and learns
+        whether the blocks stayed leased meanwhile."""
+        await send_message(ep, response.SerializeToString())
+        data = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), self.config.send_timeout)
+        done = kv_pb2.LocalReadDone.FromString(data or b"")
+        if not done.copied:
+            final = kv_pb2.PullResponse(ok=True)
+        elif self.still_leased(request):
+            final = kv_pb2.PullResponse(ok=True, payload_bytes=response.payload_bytes)
+        else:
+            final = refuse(f"the lease of {request.request_id!r} ended during the same-host read").response
+        await send_message(ep, final.SerializeToString())
 
     async def _data_ep(self, address: bytes) -> Any:
         ep = self._data_eps.get(address)
@@ -217,6 +276,8 @@ class UCXPuller(KVPuller):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._address: bytes | None = None  # this process's UCX worker address
         self._connecting: set[asyncio.Future[Any]] = set()  # connections given up on, still being made
+        self._pools: dict[str, tuple[tuple[int, int, int], torch.Tensor]] = {}  # same-host reads: mapped pools
+        self._not_local: set[str] = set()  # sources whose pool this process could not map
 
     async def close(self) -> None:
         for endpoint in list(self._eps):
@@ -251,15 +312,49 @@ class UCXPuller(KVPuller):
         dst_block_ids: list[int],
         dst_heads: tuple[int, int],
         deadline: float,
-    ) -> None:
+    ) -> kv_pb2.PullResponse:
         """Posts the response and payload receives, then sends the request: one round trip.
-        On any failure the caller aborts ep, which cancels the receives posted into kv."""
+        Asking for a same-host read, it posts the payload receives only if the source sends the
+        payload after all (UCX holds what arrives first). On any failure the caller aborts ep,
+        which cancels the receives posted into kv."""
         request.tag = secrets.randbits(63)
         if self.config.shared_memory:
             request.reply_address = self._worker_address()
-        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
+        if self.config.same_host_read and HOST_ID and endpoint not in self._not_local:
+            request.local_host = HOST_ID
+        landing = None if request.local_host else self._landing(dst_block_ids, request, dst_heads)
         reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
-        payload = asyncio.ensure_future(
+        payload = None if landing is None else self._receive(ep, request, landing)
+        try:
+            await _within(deadline, send_message(ep, request.SerializeToString()))
+            response = kv_pb2.PullResponse.FromString(await _within(deadline, reply) or b"")
+            if not response.ok:
+                raise TransferError(f"source {endpoint} refused: {response.error}")
+            self._set_state(request.request_id, TransferState.TRANSFERRING)
+            if response.HasField("local"):
+                return await self._read_local(ep, endpoint, response, request, dst_block_ids, dst_heads, deadline)
+            if landing is None:
+                landing = self._landing(dst_block_ids, request, dst_heads)
+                payload = self._receive(ep, request, landing)
+            if landing.nbytes != response.payload_bytes:
+                raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
+            assert payload is not None
+            await _within(deadline, payload)
+        finally:
+            for task in (reply, payload):
+                if task is not None:
+                    task.cancel()  # no-op when done; the caller's abort cancels the UCX requests
+                    task.add_done_callback(_retrieved)
+        landing.finish()
+        return response
+
+    def _landing(self, dst_block_ids: list[int], request: kv_pb2.PullRequest, dst_heads: tuple[int, int]) -> Any:
+        return make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
+
+    @staticmethod
+    def _receive(ep: Any, request: kv_pb2.PullRequest, landing: Any) -> asyncio.Future[Any]:
+        """Posts one receive per payload segment, straight into the landing buffers."""
+        return asyncio.ensure_future(
             asyncio.gather(
                 *(
                     ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True)
@@ -267,21 +362,67 @@ class UCXPuller(KVPuller):
                 )
             )
         )
+
+    async def _read_local(
+        self,
+        ep: Any,
+        endpoint: str,
+        response: kv_pb2.PullResponse,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,
+    ) -> kv_pb2.PullResponse:
+        """Same-host read: copies the blocks out of the source's mapped pool, then asks the source
+        whether they stayed leased. A pool this process cannot map (another user, a container's
+        /proc) is reported to the source and the pull is made again with the payload sent."""
         try:
-            await _within(deadline, send_message(ep, request.SerializeToString()))
-            response = kv_pb2.PullResponse.FromString(await _within(deadline, reply) or b"")
-            if not response.ok:
-                raise TransferError(f"source {endpoint} refused: {response.error}")
-            if landing.nbytes != response.payload_bytes:
-                raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
-            self._set_state(request.request_id, TransferState.TRANSFERRING)
-            await _within(deadline, payload)
-        finally:
-            for task in (reply, payload):
-                task.cancel()  # no-op when done; the caller's abort cancels the UCX requests
-                task.add_done_callback(_retrieved)
-        landing.finish()
+            src = self._mapped_pool(endpoint, response.local)
+        except (OSError, ValueError, TransferError) as e:
+            self._not_local.add(endpoint)
+            await _within(deadline, send_message(ep, kv_pb2.LocalReadDone(copied=False).SerializeToString()))
+            await _within(deadline, recv_message(ep, MAX_REQUEST_BYTES))
+            request.local_host = ""
+            log.info("KV source %s: no same-host read (%s: %s); it sends the payload", endpoint, type(e).__name__, e)
+            return await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
+        src_ids = list(response.local_block_ids)
+        if len(src_ids) != len(dst_block_ids) or not all(0 <= b < src.shape[0] for b in src_ids):
+            raise TransferError(f"source {endpoint}: bad block ids for a same-host read")
+        copy = functools.partial(copy_blocks, src, self.kv, src_ids, dst_block_ids,
+                                 (request.head_start, request.head_end), dst_heads)
+        nbytes = len(dst_block_ids) * self.kv[0, :, :, dst_heads[0] : dst_heads[1]].nbytes
+        if nbytes <= INLINE_COPY_BYTES:
+            copy()  # well under a millisecond: cheaper than a hop to a thread
+        else:
+            await _uncancelled(asyncio.get_running_loop().run_in_executor(None, copy))
+        await _within(deadline, send_message(ep, kv_pb2.LocalReadDone(copied=True).SerializeToString()))
+        final = kv_pb2.PullResponse.FromString(await _within(deadline, recv_message(ep, MAX_REQUEST_BYTES)) or b"")
+        if not final.ok:
+            raise TransferError(f"source {endpoint}: {final.error or 'no answer to the same-host read'}")
         return response
+
+    def _mapped_pool(self, endpoint: str, pool: kv_pb2.LocalPool) -> torch.Tensor:
+        """The source's pool, mapped read-only (kept per source until its connection drops)."""
+        key = (pool.pid, pool.fd, pool.inode)
+        cached = self._pools.get(endpoint)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        _, layers, _, _, block, dim = self.kv.shape
+        shape = (pool.num_blocks, layers, 2, pool.heads, block, dim)
+        nbytes = math.prod(shape) * self.kv.element_size()
+        fd = os.open(f"/proc/{pool.pid}/fd/{pool.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != pool.inode or st.st_size != nbytes:
+                raise TransferError(f"/proc/{pool.pid}/fd/{pool.fd} is not the {nbytes}-byte pool announced")
+            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: this tensor is only ever read
+            src = torch.frombuffer(mapping, dtype=torch.uint8).view(self.kv.dtype).view(shape)
+        self._pools[endpoint] = (key, src)
+        return src
 
     def _worker_address(self) -> bytes:
         if self._address is None:
@@ -315,6 +456,7 @@ class UCXPuller(KVPuller):
             making.result().abort()
 
     def _drop(self, endpoint: str) -> None:
+        self._pools.pop(endpoint, None)  # a source that comes back may be another process
         ep = self._eps.pop(endpoint, None)
         if ep is not None:
             ep.abort()

@@ -29,12 +29,15 @@ def _handle(endpoint: str, num_tokens: int) -> KVHandle:
     return KVHandle("s1", num_tokens, B, L, H, D, "float32", 1, (shard,), time.time() + 60)
 
 
-async def _ucx_chunks() -> None:
-    from kv_transfer.ucx import UCXPuller, UCXSource
+async def _ucx_chunks(same_host_read: bool) -> None:
+    from engine.kv_cache import shareable_zeros
+    from kv_transfer.ucx import UCXConfig, UCXPuller, UCXSource
 
-    src_kv = torch.randn(16, L, 2, H, B, D)  # [N, L, 2, H, B, D]
+    src_kv = shareable_zeros((16, L, 2, H, B, D), torch.float32)  # [N, L, 2, H, B, D], as the engine's
+    src_kv.copy_(torch.randn(src_kv.shape))
     dst_kv = torch.zeros_like(src_kv)
-    source, puller = UCXSource(src_kv, 0, 1, H), UCXPuller(dst_kv, 0, 1, H)
+    source = UCXSource(src_kv, 0, 1, H)
+    puller = UCXPuller(dst_kv, 0, 1, H, UCXConfig(same_host_read=same_host_read))
     handle = _handle(await source.start("127.0.0.1"), num_tokens=10)  # 3 blocks, the last partial
     src, dst = [5, 9, 2], [1, 2, 7]
     expiry = time.time() + 60
@@ -52,6 +55,7 @@ async def _ucx_chunks() -> None:
         source.stream_lease("s1", src, 3, expiry, first_token=42)
         assert await asyncio.wait_for(last, 5.0) == 42
         assert torch.equal(dst_kv[dst], src_kv[src])
+        assert bool(puller._pools) == same_host_read  # which path the chunks took
         source.stream_lease("s2", [3], 0, expiry)
         gone = asyncio.ensure_future(puller.pull_chunk(dataclasses.replace(handle, request_id="s2", num_tokens=4),
                                                        0, [3], 5.0))
@@ -64,8 +68,9 @@ async def _ucx_chunks() -> None:
         await source.close()
 
 
-def test_ucx_source_answers_each_chunk_once_computed() -> None:
-    asyncio.run(_ucx_chunks())
+@pytest.mark.parametrize("same_host_read", [True, False], ids=["same-host-read", "payload"])
+def test_ucx_source_answers_each_chunk_once_computed(same_host_read: bool) -> None:
+    asyncio.run(_ucx_chunks(same_host_read))
 
 
 @pytest.fixture(scope="module")

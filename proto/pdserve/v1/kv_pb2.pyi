@@ -45,7 +45,7 @@ class KVHandle(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_size: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[RankShard, _Mapping]]] = ..., lease_expiry: _Optional[float] = ..., stream_chunk_blocks: _Optional[int] = ..., lease_token: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address", "by_index", "lease_token")
+    __slots__ = ("request_id", "block_ids", "head_start", "head_end", "segments", "tag", "reply_address", "by_index", "lease_token", "local_host")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class PullRequest(_message.Message):
     REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BY_INDEX_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_HOST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     head_start: int
@@ -64,16 +65,41 @@ class PullRequest(_message.Message):
     reply_address: bytes
     by_index: bool
     lease_token: bytes
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ..., by_index: _Optional[bool] = ..., lease_token: _Optional[bytes] = ...) -> None: ...
+    local_host: str
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., reply_address: _Optional[bytes] = ..., by_index: _Optional[bool] = ..., lease_token: _Optional[bytes] = ..., local_host: _Optional[str] = ...) -> None: ...
+
+class LocalPool(_message.Message):
+    __slots__ = ("pid", "fd", "inode", "num_blocks", "heads")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    inode: int
+    num_blocks: int
+    heads: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., inode: _Optional[int] = ..., num_blocks: _Optional[int] = ..., heads: _Optional[int] = ...) -> None: ...
+
+class LocalReadDone(_message.Message):
+    __slots__ = ("copied",)
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    copied: bool
+    def __init__(self, copied: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("ok", "error", "payload_bytes", "first_token")
+    __slots__ = ("ok", "error", "payload_bytes", "first_token", "local", "local_block_ids")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
     payload_bytes: int
     first_token: int
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., first_token: _Optional[int] = ...) -> None: ...
+    local: LocalPool
+    local_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., first_token: _Optional[int] = ..., local: _Optional[_Union[LocalPool, _Mapping]] = ..., local_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
