@@ -1,6 +1,6 @@
 """Chunk-wise KV streaming (issue 6): how much of the KV transfer hides behind prefill, 2k-token prompts.
 
-    python benchmarks/kv_streaming.py [--prompt-len 2048] [--requests 8] [--chunk 256] [--out DIR]
+    python benchmarks/kv_streaming.py [--prompt-len 2048] [--requests 8] [--chunk 256] [--payload] [--out DIR]
 
 One prefill replica (TP=1) and one decode replica (`--pin`: on cores 0 and 1), KV over UCX,
 a random-weight Llama with max_position_embeddings=4096 (written here). The same run starts the
@@ -13,7 +13,8 @@ i.e. what the hand-off adds between the first token (end of prefill) and decode'
 streaming off it is the whole pull plus the router -> decode hop; with streaming on only what the
 last chunk's pull leaves. The raw transfer is the decode replica's pull time per request with
 streaming off (Registry heartbeat counters `kv_pull_seconds / kv_pulls`). Medians; hidden fraction
-= 1 - exposed(on) / exposed(off). Writes kv_streaming_chunk<N>.json and .png into --out.
+= 1 - exposed(on) / exposed(off). `--payload` turns the same-host read off (the KV goes as a UCX
+payload, as across hosts). Writes kv_streaming_chunk<N>[_payload].json and .png into --out.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def write_model(directory: Path) -> str:
     return str(directory)
 
 
-def deploy_config(model: str, streaming: bool, chunk: int, prompt_len: int, pin: bool) -> DeployConfig:
+def deploy_config(model: str, streaming: bool, chunk: int, prompt_len: int, pin: bool,
+                  same_host_read: bool = True) -> DeployConfig:
     blocks = max(2 * 4096 // 16, 4 * -(-(prompt_len + 64) // 16))
     cores = ([0], [1]) if pin else ([], [])
     return parse_config({
@@ -64,7 +66,8 @@ def deploy_config(model: str, streaming: bool, chunk: int, prompt_len: int, pin:
         "prefill": {"tensor_parallel_size": 1, "num_kv_blocks": blocks, "max_num_batched_tokens": chunk,
                     "cpu_affinity": cores[0], "resources": {"num_cpus": 0.25}},
         "decode": {"num_kv_blocks": blocks, "cpu_affinity": cores[1], "resources": {"num_cpus": 0.25}},
-        "kv_transfer": {"streaming": streaming, "lease_seconds": 60, "timeout_seconds": 60},
+        "kv_transfer": {"streaming": streaming, "lease_seconds": 60, "timeout_seconds": 60,
+                        "same_host_read": same_host_read},
     }, "kv_streaming benchmark")
 
 
@@ -119,8 +122,8 @@ def pull_seconds(address: str) -> tuple[float, int]:
 
 
 def measure(model: str, streaming: bool, prompts: list[list[int]], chunk: int, warmup: int,
-            pin: bool) -> dict[str, Any]:
-    cfg = deploy_config(model, streaming, chunk, len(prompts[0]), pin)
+            pin: bool, same_host_read: bool) -> dict[str, Any]:
+    cfg = deploy_config(model, streaming, chunk, len(prompts[0]), pin, same_host_read)
     with running(cfg) as (cluster, _):
         for p in prompts[:warmup]:
             token_times(cluster.address, p, 8)
@@ -139,7 +142,7 @@ def measure(model: str, streaming: bool, prompts: list[list[int]], chunk: int, w
 def child(args: argparse.Namespace, model: str, mode: str) -> dict[str, Any]:
     """One mode in its own process (a fresh Ray and Serve: no app of the other mode lingers)."""
     cmd = [sys.executable, __file__, "--child", model, mode, "--prompt-len", str(args.prompt_len),
-           "--requests", str(args.requests), "--warmup", str(args.warmup), "--chunk", str(args.chunk)] + (["--pin"] if args.pin else [])
+           "--requests", str(args.requests), "--warmup", str(args.warmup), "--chunk", str(args.chunk)] + (["--pin"] if args.pin else []) + (["--payload"] if args.payload else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if done.returncode:
         raise RuntimeError(f"{mode} run failed:\n{done.stderr[-3000:]}")
@@ -155,6 +158,7 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=256, help="prefill.max_num_batched_tokens")
     parser.add_argument("--out", default="docs/figures")
     parser.add_argument("--pin", action="store_true", help="prefill on core 0, decode on core 1")
+    parser.add_argument("--payload", action="store_true", help="kv_transfer.same_host_read: false")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # MODEL_DIR on|off: one mode, JSON out
     args = parser.parse_args()
     import torch
@@ -163,19 +167,22 @@ def main() -> int:
     prompts = [torch.randint(1, 1000, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.warmup + args.requests)]
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1] == "on", prompts, args.chunk, args.warmup, args.pin)))
+        print(json.dumps(measure(args.child[0], args.child[1] == "on", prompts, args.chunk, args.warmup, args.pin,
+                                 not args.payload)))
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         model = write_model(Path(scratch) / "model")
         off, on = (child(args, model, mode) for mode in ("off", "on"))
     result = {"prompt_len": args.prompt_len, "chunk_tokens": args.chunk, "model": MODEL,
+              "same_host_read": not args.payload,
               "kv_bytes_per_request": args.prompt_len * MODEL["num_hidden_layers"] * 2 * MODEL["hidden_size"] * 4,
               "raw_transfer_ms_p50": off["pull_ms_per_request"], "off": off, "on": on,
               "hidden_fraction": 1 - on["exposed_ms_p50"] / off["exposed_ms_p50"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"kv_streaming_chunk{args.chunk}.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / f"kv_streaming_chunk{args.chunk}.png")
+    name = f"kv_streaming_chunk{args.chunk}{'_payload' if args.payload else ''}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png")
     print(f"raw transfer {result['raw_transfer_ms_p50']:.1f} ms/request; exposed p50 off "
           f"{off['exposed_ms_p50']:.1f} ms, on {on['exposed_ms_p50']:.1f} ms; hidden "
           f"{100 * result['hidden_fraction']:.0f}%")

@@ -83,13 +83,14 @@ class SharedPool:
 
 
 def shareable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros in a memfd mapping (a new memfd reads as zeros: no page is touched here). The fd is
-    closed when the tensor is freed; the mapping lives while any view of it does."""
+    """Zeros in a memfd mapping (a new memfd reads as zeros). The fd is closed when the tensor is
+    freed; the mapping lives while any view of it does."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
-        mapping = mmap.mmap(fd, nbytes)
+        # pages allocated and mapped now, as torch.zeros would: no first-touch faults in a step
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     except BaseException:
         os.close(fd)
         raise

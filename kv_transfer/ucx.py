@@ -94,6 +94,24 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_id
         i = j
 
 
+def map_pool(pool: kv_pb2.LocalPool, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Maps another process's KV pool read-only, with its page tables filled at once (a first
+    touch per page inside a pull would cost more than the copy)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    fd = os.open(f"/proc/{pool.pid}/fd/{pool.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_ino != pool.inode or st.st_size != nbytes:
+            raise TransferError(f"/proc/{pool.pid}/fd/{pool.fd} is not the {nbytes}-byte pool announced")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only buffer: this tensor is only ever read
+        return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
+
+
 async def _uncancelled(fut: asyncio.Future[Any]) -> None:
     """Awaits fut (work writing into our blocks); cancelled meanwhile, still lets it end before
     the cancellation goes on, so the blocks are not freed under it."""
@@ -124,7 +142,7 @@ async def _open_endpoint(host: str, port: int, timeout: float) -> Any:
     raise TransferError(f"cannot connect to KV source {host}:{port}: {reason}")
 
 
-INLINE_COPY_BYTES = 8 << 20  # same-host reads up to this size copy on the event loop's thread
+INLINE_COPY_BYTES = 16 << 20  # same-host reads up to this size (~1 ms) copy on the event loop's thread
 MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
 
@@ -377,7 +395,7 @@ class UCXPuller(KVPuller):
         whether they stayed leased. A pool this process cannot map (another user, a container's
         /proc) is reported to the source and the pull is made again with the payload sent."""
         try:
-            src = self._mapped_pool(endpoint, response.local)
+            src = await self._mapped_pool(endpoint, response.local)
         except (OSError, ValueError, TransferError) as e:
             self._not_local.add(endpoint)
             await _within(deadline, send_message(ep, kv_pb2.LocalReadDone(copied=False).SerializeToString()))
@@ -401,7 +419,7 @@ class UCXPuller(KVPuller):
             raise TransferError(f"source {endpoint}: {final.error or 'no answer to the same-host read'}")
         return response
 
-    def _mapped_pool(self, endpoint: str, pool: kv_pb2.LocalPool) -> torch.Tensor:
+    async def _mapped_pool(self, endpoint: str, pool: kv_pb2.LocalPool) -> torch.Tensor:
         """The source's pool, mapped read-only (kept per source until its connection drops)."""
         key = (pool.pid, pool.fd, pool.inode)
         cached = self._pools.get(endpoint)
@@ -409,18 +427,7 @@ class UCXPuller(KVPuller):
             return cached[1]
         _, layers, _, _, block, dim = self.kv.shape
         shape = (pool.num_blocks, layers, 2, pool.heads, block, dim)
-        nbytes = math.prod(shape) * self.kv.element_size()
-        fd = os.open(f"/proc/{pool.pid}/fd/{pool.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if st.st_ino != pool.inode or st.st_size != nbytes:
-                raise TransferError(f"/proc/{pool.pid}/fd/{pool.fd} is not the {nbytes}-byte pool announced")
-            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffer: this tensor is only ever read
-            src = torch.frombuffer(mapping, dtype=torch.uint8).view(self.kv.dtype).view(shape)
+        src = await asyncio.to_thread(map_pool, pool, shape, self.kv.dtype)  # page tables: ~0.1 s per GiB
         self._pools[endpoint] = (key, src)
         return src
 

@@ -151,7 +151,7 @@ def test_a_pool_that_cannot_be_mapped_falls_back_to_the_payload(monkeypatch: pyt
     puller tells the source, then takes the payload, and stops asking that source."""
     import kv_transfer.ucx as ucx
 
-    def unmappable(self: UCXPuller, endpoint: str, pool: Any) -> torch.Tensor:
+    async def unmappable(self: UCXPuller, endpoint: str, pool: Any) -> torch.Tensor:
         raise PermissionError(13, "Permission denied", f"/proc/{pool.pid}/fd/{pool.fd}")
 
     monkeypatch.setattr(ucx.UCXPuller, "_mapped_pool", unmappable)
