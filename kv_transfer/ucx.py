@@ -257,12 +257,10 @@ class UCXSource(KVSource):
         await send_message(ep, response.SerializeToString())
         data = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), self.config.send_timeout)
         done = kv_pb2.LocalReadDone.FromString(data or b"")
-        if not done.copied:
-            final = kv_pb2.PullResponse(ok=True)
-        elif self.still_leased(request):
-            final = kv_pb2.PullResponse(ok=True, payload_bytes=response.payload_bytes)
-        else:
+        if done.copied and not self.still_leased(request):
             final = refuse(f"the lease of {request.request_id!r} ended during the same-host read").response
+        else:
+            final = kv_pb2.PullResponse(ok=True)
         await send_message(ep, final.SerializeToString())
 
     async def _data_ep(self, address: bytes) -> Any:
@@ -410,7 +408,7 @@ class UCXPuller(KVPuller):
                                  (request.head_start, request.head_end), dst_heads)
         nbytes = len(dst_block_ids) * self.kv[0, :, :, dst_heads[0] : dst_heads[1]].nbytes
         if nbytes <= INLINE_COPY_BYTES:
-            copy()  # well under a millisecond: cheaper than a hop to a thread
+            copy()  # a millisecond at most: cheaper than a hop to a thread
         else:
             await _uncancelled(asyncio.get_running_loop().run_in_executor(None, copy))
         await _within(deadline, send_message(ep, kv_pb2.LocalReadDone(copied=True).SerializeToString()))
