@@ -79,13 +79,12 @@ class SharedPool:
     pid: int
     fd: int
     inode: int
-    nbytes: int
 
 
 def shareable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros in a memfd mapping (a new memfd reads as zeros). The fd is closed when the tensor is
     freed; the mapping lives while any view of it does."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
@@ -95,7 +94,7 @@ def shareable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         os.close(fd)
         raise
     kv = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
-    kv._pdserve_shared = SharedPool(os.getpid(), fd, os.fstat(fd).st_ino, nbytes)  # type: ignore[attr-defined]
+    kv._pdserve_shared = SharedPool(os.getpid(), fd, os.fstat(fd).st_ino)  # type: ignore[attr-defined]
     weakref.finalize(kv, os.close, fd)
     return kv
 

@@ -409,13 +409,10 @@ HOST_ID = _host_id()
 
 
 def _local_pool(kv: torch.Tensor) -> kv_pb2.LocalPool | None:
-    pool = shared_pool(kv)
+    pool = shared_pool(kv)  # only the whole pool allocate_kv made has one, never a view of it
     if pool is None or not HOST_ID:
         return None
-    n, layers, _, heads, block, dim = kv.shape
-    if pool.nbytes != kv.numel() * kv.element_size():
-        return None  # a view of part of a pool: not what a puller would map
-    return kv_pb2.LocalPool(pid=pool.pid, fd=pool.fd, inode=pool.inode, num_blocks=n, heads=heads)
+    return kv_pb2.LocalPool(pid=pool.pid, fd=pool.fd, inode=pool.inode, num_blocks=kv.shape[0], heads=kv.shape[3])
 
 
 def _pool() -> StagingPool:

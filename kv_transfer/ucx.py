@@ -97,7 +97,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_id
 def map_pool(pool: kv_pb2.LocalPool, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Maps another process's KV pool read-only, with its page tables filled at once (a first
     touch per page inside a pull would cost more than the copy)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     fd = os.open(f"/proc/{pool.pid}/fd/{pool.fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import time
 from typing import Any
 
@@ -58,7 +59,7 @@ def _source_process(conn: Any) -> None:
 def test_allocate_kv_is_a_memfd_other_processes_can_map() -> None:
     kv = _filled(1)
     pool = shared_pool(kv)
-    assert pool is not None and pool.nbytes == kv.numel() * 4
+    assert pool is not None and os.fstat(pool.fd).st_size == kv.numel() * 4
     with open(f"/proc/{pool.pid}/fd/{pool.fd}", "rb") as f:
         f.seek(7 * kv[0].numel() * 4)
         head = torch.frombuffer(bytearray(f.read(16)), dtype=torch.float32)
