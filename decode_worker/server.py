@@ -20,6 +20,7 @@ timeout is also bounded by the call's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -158,12 +159,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return first
 
     async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
+        """Reserves blocks, waiting up to admission_wait for a step or abort to free some."""
         deadline = time.monotonic() + self.admission_wait
         while True:
+            changed = self.engine.next_change()
             blocks = await self.engine.call(reserve)
-            if blocks is not None or time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if blocks is not None or left <= 0:
                 return blocks
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed, left)
 
     async def _stream(self, stream: RequestStream) -> AsyncIterator[worker_pb2.DecodeResponse]:
         while True:
