@@ -108,7 +108,7 @@ class Cluster:
 
         for attempt in (1, 2):
             try:
-                ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace, log_to_driver=False)
+                ray.init(address=self.cfg.ray.address or "local", namespace=self.cfg.ray.namespace, log_to_driver=False)
                 return
             except Exception as exc:
                 if attempt == 2 or self.cfg.ray.address is not None or "timed out during startup" not in str(exc):
