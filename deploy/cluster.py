@@ -32,6 +32,7 @@ from deploy.serve_app import DECODE_APP, PREFILL_APP, build_prefill_app
 from engine.config import ModelConfig
 from engine.config import load_config as load_model_config
 from engine.tokenizer import Tokenizer
+from router.chat_template import read_chat_template
 from router.config import RouterConfig
 from router.server import RouterServer
 
@@ -41,6 +42,7 @@ APPLY_POLL_SECONDS = 0.5
 
 def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> RouterConfig:
     r = cfg.router
+    chat = read_chat_template(cfg.model.path)
     return RouterConfig(
         vocab_size=vocab_size, context_len=int(cfg.model.max_model_len or 0),
         block_size=cfg.model.block_size, eos_token_ids=eos, host=r.host, port=r.port,
@@ -50,6 +52,8 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
         api_keys=r.api_keys, tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
         migration=r.migration, kv_streaming=cfg.kv_transfer.streaming, local_prefill_max_tokens=(
             cfg.decode.local_prefill_max_tokens if cfg.serving_mode == "disaggregated" else 0),
+        http_port=r.http.port, model_name=cfg.model.served_name,
+        chat_template=chat.source if chat else None, chat_tokens=chat.tokens if chat else (),
     )
 
 

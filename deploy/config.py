@@ -64,6 +64,13 @@ class ModelSettings:
     block_size: int = opt(16, "tokens per KV block, shared by both pools", ge=1, le=1024)
     max_model_len: int | None = opt(None, "longest prompt + completion accepted, in tokens",
                                     ge=1, shown="model's `max_position_embeddings`")
+    name: str | None = opt(None, "the served model's id: the `model` of OpenAI requests and what "
+                           "`GET /v1/models` lists", nonempty=True,
+                           shown="the name of the `model.path` directory")
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.path).name
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +81,17 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    port: int | None = opt(8000, "OpenAI-compatible HTTP port (`/v1/completions`, "
+                           "`/v1/chat/completions`, `/v1/models`, `/health`) on `router.host`, "
+                           "with the gRPC port's TLS and API keys (0 = pick a free port); "
+                           "null = off", ge=0, le=65535)
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
-    host: str = opt("127.0.0.1", "interface the public gRPC server binds to", nonempty=True)
+    host: str = opt("127.0.0.1", "interface the public gRPC and HTTP servers bind to",
+                    nonempty=True)
     port: int = opt(50051, "public gRPC port (0 = pick a free one)", ge=0, le=65535)
     internal_host: str = opt("127.0.0.1", "interface of the internal registry server workers "
                              "heartbeat to (`auto` = this node's IP as Ray reports it)",
@@ -88,7 +104,9 @@ class RouterConfig:
                                    "periods is forgotten", gt=0)
     api_keys: tuple[str, ...] = opt((), "accepted `authorization: Bearer <key>` values; "
                                     "empty = no auth")
-    tls: TLSConfig = section(TLSConfig, "TLS for the public port (all null = plaintext)")
+    tls: TLSConfig = section(TLSConfig, "TLS for the public ports (all null = plaintext)")
+    http: HttpConfig = section(HttpConfig, "the OpenAI-compatible HTTP door into the same "
+                               "request flow")
     metrics_port: int | None = opt(None, "Prometheus `/metrics` over HTTP on `host` (TTFT/TPOT/ITL "
                                    "histograms, queues, KV use, KV transfers; 0 = pick a free "
                                    "port); null = off", ge=0, le=65535)
@@ -198,7 +216,7 @@ class DeployConfig:
                                     "plain vLLM server; chunk size from "
                                     "`prefill.max_num_batched_tokens`)")
     model: ModelSettings = section(ModelSettings, "the model both pools serve")
-    router: RouterConfig = section(RouterConfig, "the public gRPC router")
+    router: RouterConfig = section(RouterConfig, "the public router: gRPC and OpenAI HTTP")
     prefill: PrefillConfig = section(PrefillConfig, "the prefill pool")
     decode: DecodeConfig = section(DecodeConfig, "the decode pool")
     kv_transfer: KVTransferConfig = section(KVTransferConfig, "moving KV blocks prefill -> decode")
