@@ -61,10 +61,11 @@ def _hf_tokens(path: Path) -> list[tuple[int, ...]]:
     return _HF[path]
 
 
-def _config(path: Path, prefill_tp: int, decode_tp: int, **decode: object) -> object:
+def _config(path: Path, prefill_tp: int, decode_tp: int, kv: dict[str, object] | None = None,
+            **decode: object) -> object:
     return small_config(str(path), prefill={"tensor_parallel_size": prefill_tp},
                         decode={"tensor_parallel_size": decode_tp, **decode},
-                        kv_transfer={"lease_seconds": 5})
+                        kv_transfer={"lease_seconds": 5, **(kv or {})})
 
 
 def _blocks_free(address: str, within: float = 10.0) -> None:
@@ -138,6 +139,16 @@ def test_tp_matrix_matches_transformers(kv_checkpoint: Callable[[int], Path], nu
 
 
 @pytest.mark.slow
+def test_streamed_kv_over_the_ucx_payload_to_tp2_decode(kv_checkpoint: Callable[[int], Path]) -> None:
+    """Chunk-wise KV streaming, payload sent over UCX (no same-host read), prefill TP 4 -> decode
+    TP 2 of a 2-KV-head model: every decode rank pulls each chunk of its head while prefill goes on."""
+    path = kv_checkpoint(2)
+    kv = {"streaming": True, "same_host_read": False}
+    with running_cluster(_config(path, 4, 2, kv)) as cl:  # type: ignore[arg-type]
+        _greedy_matches(cl, path, 4, 2)
+
+
+@pytest.mark.slow
 def test_int8_decode_tp2_keeps_first_token_and_completes(kv_checkpoint: Callable[[int], Path]) -> None:
     path = kv_checkpoint(2)
     with running_cluster(_config(path, 2, 2, quantization="int8")) as cl:  # type: ignore[arg-type]
@@ -149,24 +160,48 @@ def test_int8_decode_tp2_keeps_first_token_and_completes(kv_checkpoint: Callable
         _blocks_free(cl.address)
 
 
-def _follower_pids(address: str) -> list[int]:
-    """Pids of processes (other than the replica's rank 0) holding a gloo connection to rank 0:
-    the decode replica's follower ranks, found through /proc like tests/test_reliability_e2e.py."""
-    import psutil
+def _tcp_pairs() -> dict[str, tuple[int, int]]:
+    """Socket inode -> (local port, remote port) of every established TCP socket (/proc/net/tcp*)."""
+    pairs = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01":  # ESTABLISHED
+                pairs[f[9]] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
+    return pairs
 
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def _follower_pids(address: str) -> list[int]:
+    """Pids of the DecodeRank actors connected (gloo) to the decode replica serving `address`."""
     from tests.test_reliability_e2e import pid_listening_on
 
-    rank0 = psutil.Process(pid_listening_on(address))
-    peers = {c.raddr.port for c in rank0.net_connections("tcp") if c.raddr and c.status == "ESTABLISHED"}
+    pairs = _tcp_pairs()
+    rank0 = pid_listening_on(address)
+    ours = {pairs[i] for i in _socket_inodes(rank0) if i in pairs}
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid == rank0.pid or "DecodeRank" not in " ".join(proc.info["cmdline"] or []):
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == rank0:
             continue
         try:
-            if any(c.laddr.port in peers for c in proc.net_connections("tcp")):
-                found.append(proc.pid)
-        except psutil.Error:
+            if b"DecodeRank" not in (proc / "cmdline").read_bytes():
+                continue
+        except OSError:
             continue
+        theirs = {pairs[i] for i in _socket_inodes(int(proc.name)) if i in pairs}
+        if any((b, a) in ours for a, b in theirs):  # the two ends of one connection
+            found.append(int(proc.name))
     return found
 
 
