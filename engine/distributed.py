@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,10 +39,18 @@ class GroupSpec:
     cache: CacheConfig
 
 
+# Followers wait for rank 0's next step however long the replica stays idle (torch's default 30 min
+# collective timeout would end their loop in an idle cluster); rank 0 only ever waits for a step.
+FOLLOWER_TIMEOUT = timedelta(hours=24)
+RANK0_TIMEOUT = timedelta(minutes=10)
+
+
 def init_group(spec: GroupSpec, rank: int, device: str) -> TPInfo:
     """Joins the group's default process group: gloo on CPU, NCCL on GPU."""
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size)
+    timeout = RANK0_TIMEOUT if rank == 0 else FOLLOWER_TIMEOUT
+    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size,
+                            timeout=timeout)
     return TPInfo(rank=rank, world_size=spec.world_size, group=dist.group.WORLD)
 
 
