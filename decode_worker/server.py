@@ -4,8 +4,9 @@ Lifecycle of a request here:
   1. `Decode` arrives with the prompt ids, prefill's first token and the KVHandle.
   2. The engine reserves blocks for the prompt's KV (waiting up to `admission_wait_seconds` for room;
      RESOURCE_EXHAUSTED after that, so the router can try another replica).
-  3. The puller pulls every needed prefill rank's heads straight into those blocks (timeout-bounded),
-     then tells the prefill replica to release its lease (also when the pull failed).
+  3. Every decode rank pulls its own KV heads from the prefill ranks holding them straight into those
+     blocks, all at once (timeout-bounded; `pull` is the replica's, decode_worker/replica.py), then
+     the prefill replica is told to release its lease (also when the pull failed).
   4. `resume` joins the request to the running batch; every engine step's new tokens for it leave as
      one DecodeResponse (tokens that piled up while the stream was busy are merged into one message).
   5. A cancelled stream aborts the request: the engine frees its blocks, whatever state it was in

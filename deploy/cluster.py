@@ -70,7 +70,8 @@ class Cluster:
         self._apply_lock = asyncio.Lock()
 
     def _checked(self, cfg: DeployConfig) -> DeployConfig:
-        return check_against_model(cfg, self.model.num_kv_heads, self.model.max_position_embeddings)
+        return check_against_model(cfg, self.model.num_kv_heads, self.model.max_position_embeddings,
+                                   num_heads=self.model.num_heads)
 
     def _router_config(self, cfg: DeployConfig) -> RouterConfig:
         return router_config(cfg, self.model.vocab_size, self.model.eos_token_ids)

@@ -24,6 +24,7 @@ import torch
 from pdserve.v1 import kv_pb2
 
 from engine.kv_cache import shared_pool
+from engine.tp import kv_heads_per_rank, tp_kv_error
 
 if TYPE_CHECKING:
     from kv_transfer.handle import KVHandle
@@ -48,13 +49,15 @@ class TransferState(enum.Enum):
 
 
 def check_layout(kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
-    """kv must be [num_blocks, num_layers, 2, num_kv_heads / tp_size, block_size, head_dim]."""
+    """kv must be [num_blocks, num_layers, 2, heads of the rank, block_size, head_dim] (heads of
+    the rank: num_kv_heads / tp_size, or 1 when tp_size exceeds num_kv_heads)."""
     if kv.dim() != 6 or kv.shape[2] != 2 or not kv.is_contiguous():
         raise TransferError(f"kv must be a contiguous 6-d [N, L, 2, H, B, D] tensor, got {tuple(kv.shape)}")
-    if tp_size <= 0 or not 0 <= rank < tp_size or num_kv_heads % tp_size:
+    if tp_size <= 0 or not 0 <= rank < tp_size or num_kv_heads <= 0 or tp_kv_error(num_kv_heads, tp_size):
         raise TransferError(f"bad rank {rank} / tp_size {tp_size} for {num_kv_heads} heads")
-    if kv.shape[3] != num_kv_heads // tp_size:
-        raise TransferError(f"kv has {kv.shape[3]} heads, rank of {tp_size} needs {num_kv_heads // tp_size}")
+    heads = kv_heads_per_rank(num_kv_heads, tp_size)
+    if kv.shape[3] != heads:
+        raise TransferError(f"kv has {kv.shape[3]} heads, rank of {tp_size} needs {heads}")
 
 
 @dataclass(slots=True)
@@ -354,7 +357,8 @@ class KVPuller(ABC):
         self._start_state(rid)
         try:
             self._check_handle(handle, dst_block_ids)
-            plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads)
+            near = [s.rank for s in handle.shards if s.host_id and s.host_id == HOST_ID]
+            plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads, near)
             deadline = time.monotonic() + timeout
             coros = [self._pull_plan(handle, p, list(dst_block_ids), deadline, by_index) for p in plans]
             responses = await asyncio.wait_for(_all_or_cancel(coros), timeout)

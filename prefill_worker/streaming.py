@@ -55,7 +55,7 @@ def streamed_handle(svc: PrefillService, rid: str, num_tokens: int, expiry: floa
         request_id=rid, num_tokens=num_tokens, block_size=inner.cache_config.block_size,
         num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         dtype=svc.dtype, tp_size=len(svc.ranks),
-        shards=tuple(RankShard(r.rank, r.endpoint, ()) for r in svc.ranks), lease_expiry=expiry,
+        shards=tuple(RankShard(r.rank, r.endpoint, (), r.host_id) for r in svc.ranks), lease_expiry=expiry,
         lease_token=svc.lease_token(rid),
     )
 
