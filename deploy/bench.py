@@ -13,10 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from deploy.benchmark.config import DATASETS, SLO, BenchConfig, DatasetConfig, Load
 from deploy.benchmark.plots import write_plots
 from deploy.benchmark.report import format_table, write_json
 from deploy.benchmark.runner import run_bench
+from deploy.discovery import resolve, unreachable
 
 FALLBACK_VOCAB = 256
 
@@ -28,7 +31,8 @@ def _numbers(text: str, kind: type) -> list:  # type: ignore[type-arg]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default="127.0.0.1:50051", help="router host:port")
+    p.add_argument("--address", default=None, help="router HOST:PORT (default: $PDSERVE_ADDRESS, "
+                   "else the running `pdserve up` on this machine, else 127.0.0.1:50051)")
     p.add_argument("--concurrency", default=None,
                    help="requests in flight (comma list = one run each); with --request-rate: a cap")
     p.add_argument("--request-rate", default=None,
@@ -96,8 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`pdserve bench ARGS` -> main(ARGS). A leading "--" is dropped (`pdserve bench -- --address ...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    cfg = config_from_args(args)
-    results = asyncio.run(run_bench(cfg))
+    router = resolve(args.address)
+    args.address = router.address
+    try:
+        cfg = config_from_args(args)
+        results = asyncio.run(run_bench(cfg))
+    except (grpc.RpcError, TimeoutError) as exc:
+        if isinstance(exc, grpc.Call) and exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        print(unreachable(router), file=sys.stderr)
+        return 1
     print(format_table(results))
     if args.out:
         out = Path(args.out)
