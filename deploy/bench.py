@@ -14,10 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from deploy.benchmark.config import DATASETS, ENDPOINTS, SLO, BenchConfig, DatasetConfig, Load
 from deploy.benchmark.plots import write_plots
 from deploy.benchmark.report import format_table, write_json
 from deploy.benchmark.runner import run_bench
+from deploy.discovery import RouterAddress, resolve, unreachable
 
 FALLBACK_VOCAB = 256
 DEFAULT_ADDRESS = {"grpc": "127.0.0.1:50051", "openai": "127.0.0.1:8000"}
@@ -32,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", choices=ENDPOINTS, default="grpc",
                    help="grpc: Router.Generate; openai: POST /v1/completions with SSE streaming")
-    p.add_argument("--address", default=None,
-                   help="router host:port (default: 127.0.0.1:50051 for grpc, 127.0.0.1:8000 for openai)")
+    p.add_argument("--address", default=None, help="router HOST:PORT (grpc default: $PDSERVE_ADDRESS, "
+                   "else the running `pdserve up` on this machine, else 127.0.0.1:50051; openai default: "
+                   "127.0.0.1:8000)")
     p.add_argument("--concurrency", default=None,
                    help="requests in flight (comma list = one run each); with --request-rate: a cap")
     p.add_argument("--request-rate", default=None,
@@ -104,8 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`pdserve bench ARGS` -> main(ARGS). A leading "--" is dropped (`pdserve bench -- --address ...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    cfg = config_from_args(args)
-    results = asyncio.run(run_bench(cfg))
+    router = resolve(args.address) if args.endpoint == "grpc" else RouterAddress(
+        args.address or DEFAULT_ADDRESS["openai"], "--address" if args.address else "the HTTP default")
+    args.address = router.address
+    try:
+        cfg = config_from_args(args)
+        results = asyncio.run(run_bench(cfg))
+    except (grpc.RpcError, TimeoutError) as exc:
+        if isinstance(exc, grpc.Call) and exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        print(unreachable(router), file=sys.stderr)
+        return 1
     print(format_table(results))
     if args.out:
         out = Path(args.out)

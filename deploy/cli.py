@@ -10,25 +10,38 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deploy.discovery import RouterAddress
+
+ADDRESS_HELP = ("router HOST:PORT (default: $PDSERVE_ADDRESS, else the running `pdserve up` on this "
+                "machine, else 127.0.0.1:50051)")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from deploy import discovery
     from deploy.cluster import Cluster
     from deploy.config import load_config
 
     cfg = load_config(args.config, args.set or ())
 
     async def run() -> None:
-        cluster = Cluster(cfg)
+        cluster = Cluster(cfg, args.config or "defaults")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        record: Path | None = None
         try:
             address = await cluster.start()
+            record = discovery.record(address, args.config)
             print(f"pdserve router listening on {address} (Ctrl-C to stop)", flush=True)
             await stop.wait()
         finally:
+            if record is not None:
+                discovery.forget(record)
             print("shutting down...", flush=True)
             await cluster.stop()
 
@@ -41,7 +54,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     usage = None
     for chunk in generate_stream(
-        args.address, args.prompt, timeout=args.timeout, max_tokens=args.max_tokens,
+        args.router.address, args.prompt, timeout=args.timeout, max_tokens=args.max_tokens,
         temperature=args.temperature, seed=args.seed,
     ):
         sys.stdout.write(chunk.text)
@@ -56,7 +69,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from router.client import format_status, get_status, status_json
 
-    status = get_status(args.address)
+    status = get_status(args.router.address)
     print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0
 
@@ -96,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(fn=_cmd_up)
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--address", default=None, help=ADDRESS_HELP)
     gen.add_argument("--max-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(fn=_cmd_generate)
     st = sub.add_parser("status", help="pools, replicas, KV use")
-    st.add_argument("--address", default="127.0.0.1:50051")
+    st.add_argument("--address", default=None, help=ADDRESS_HELP)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
     demo = sub.add_parser("demo", help="start the default cluster, stream a few prompts, shut down")
@@ -143,14 +156,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_logs()
+    if "address" in args:
+        from deploy.discovery import resolve
+
+        args.router = resolve(args.address)
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one clear line
-        from deploy.config import ConfigError
+        return _one_line(exc, getattr(args, "router", None))
 
-        if isinstance(exc, ConfigError | FileNotFoundError | ValueError):
-            print(f"pdserve: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _one_line(exc: Exception, router: RouterAddress | None) -> int:
+    """Expected failures as one line on stderr (exit status 1 or 2); anything else re-raised."""
+    import grpc
+
+    from deploy.config import ConfigError
+    from deploy.discovery import unreachable
+
+    if isinstance(exc, grpc.RpcError) and router is not None:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print(unreachable(router), file=sys.stderr)
+        else:
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            print(f"pdserve: the router at {router.address} answered "
+                  f"{code.name if code else 'an error'}: {details}", file=sys.stderr)
+        return 1
+    if isinstance(exc, ConfigError | FileNotFoundError | ValueError):
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    raise exc

@@ -24,6 +24,7 @@ from deploy.config import (
     DeployConfig,
     Issue,
     check_against_model,
+    check_model_dir,
     diff_configs,
     parse_config,
 )
@@ -58,7 +59,8 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
 
 
 class Cluster:
-    def __init__(self, cfg: DeployConfig) -> None:
+    def __init__(self, cfg: DeployConfig, source: str = "config") -> None:
+        check_model_dir(cfg, source)
         self.model: ModelConfig = load_model_config(cfg.model.path)
         self.cfg = self._checked(cfg)
         self.tokenizer = Tokenizer.from_model_dir(cfg.model.path)

@@ -490,6 +490,17 @@ def check_against_model(cfg: DeployConfig, num_kv_heads: int, max_pos: int,
     return dataclasses.replace(cfg, model=model)
 
 
+def check_model_dir(cfg: DeployConfig, source: str = "config") -> None:
+    """model.path must be a directory with a config.json: checked where the model is loaded (the
+    router's host), not when a file is validated, since a file may be meant for other machines."""
+    folder = Path(cfg.model.path)
+    if not folder.exists():
+        raise ConfigError(source, [Issue("model.path", f"{folder} does not exist")])
+    if not (folder / "config.json").is_file():
+        raise ConfigError(source, [Issue("model.path", f"{folder} has no config.json (not a "
+                                         "Hugging Face model directory)")])
+
+
 # ---------------------------------------------------------------- loading
 
 
