@@ -77,7 +77,7 @@ class _Stream:
             await self.response.prepare(self.http)
             if self.out.request.chat:
                 await self.response.write(sse(self.out.role_chunk()))
-        await self.response.write(sse(self.out.chunk(msg)))
+        await self.response.write(self.out.chunk_sse(msg))
 
     async def finish(self) -> web.StreamResponse:
         assert self.response is not None  # run_request writes at least one message
