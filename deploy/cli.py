@@ -26,7 +26,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             address = await cluster.start()
-            print(f"pdserve router listening on {address} (Ctrl-C to stop)", flush=True)
+            http = cluster.router.http_address
+            door = f", OpenAI HTTP on http{'s' if cfg.router.tls.cert else ''}://{http}/v1" if http else ""
+            print(f"pdserve router listening on {address} (gRPC){door} (Ctrl-C to stop)", flush=True)
             await stop.wait()
         finally:
             print("shutting down...", flush=True)
