@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdserve.v1 import router_pb2_grpc  # noqa: E402
 
-from deploy.benchmark.null_cluster import null_processes_http  # noqa: E402
 from router.client import build_request  # noqa: E402
 
 CHUNK = {"id": "cmpl-0123456789abcdef", "object": "text_completion", "created": 1764000000,
@@ -101,6 +100,8 @@ async def _doors(grpc_address: str, http_address: str, tokens: int) -> dict[str,
 
 
 def measure_doors(tokens: int, repeats: int) -> dict[str, list[float]]:
+    from deploy.benchmark.null_cluster import null_processes_http  # imports torch: not in --serve
+
     runs: dict[str, list[float]] = {}
     for _ in range(repeats):
         for mode in ("engine", 1):
@@ -172,7 +173,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait_port(port: int, timeout: float = 30.0) -> None:
+async def _wait_port(port: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:

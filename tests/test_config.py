@@ -285,7 +285,7 @@ def test_docs_table_is_current() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     assert reference_table() in doc
     rows = [r for r in reference_table().splitlines()[2:]]
-    assert len(rows) == 69 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
+    assert len(rows) == 72 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
 
 
 def test_overrides_apply_on_top_of_the_file(write) -> None:
