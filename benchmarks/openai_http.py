@@ -44,24 +44,27 @@ from router.client import build_request  # noqa: E402
 
 CHUNK = {"id": "cmpl-0123456789abcdef", "object": "text_completion", "created": 1764000000,
          "model": "null", "choices": [{"index": 0, "text": " token", "logprobs": None, "finish_reason": None}]}
-One = Callable[[int], Awaitable[int]]  # tokens asked -> tokens received
+One = Callable[[int], Awaitable[tuple[int, int]]]  # tokens asked -> (tokens, messages) received
 
 
-async def _rate(one: One, streams: int, tokens: int) -> float:
+async def _rate(one: One, streams: int, tokens: int) -> tuple[float, float]:
+    """(tokens/s, tokens per message) of `streams` concurrent streams."""
     per = tokens if streams == 1 else max(1, tokens // 4)
     start = time.perf_counter()
     got = await asyncio.gather(*(one(per) for _ in range(streams)))
     elapsed = time.perf_counter() - start
-    assert all(n == per for n in got), f"asked {per} tokens per stream, got {got}"
-    return sum(got) / elapsed
+    assert all(n == per for n, _ in got), f"asked {per} tokens per stream, got {got}"
+    total = sum(n for n, _ in got)
+    return total / elapsed, total / max(1, sum(m for _, m in got))
 
 
 def grpc_door(stub: router_pb2_grpc.RouterStub) -> One:
-    async def one(tokens: int) -> int:
-        n = 0
+    async def one(tokens: int) -> tuple[int, int]:
+        n = messages = 0
         async for msg in stub.Generate(build_request([1, 2, 3], max_tokens=tokens, ignore_eos=True)):
             n += len(msg.token_ids)
-        return n
+            messages += 1
+        return n, messages
     return one
 
 
@@ -74,17 +77,18 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> list[Any]:
 
 
 def http_door(session: aiohttp.ClientSession, url: str) -> One:
-    async def one(tokens: int) -> int:
+    async def one(tokens: int) -> tuple[int, int]:
         body = {"model": "null", "prompt": [1, 2, 3], "max_tokens": tokens, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             resp.raise_for_status()
             events = await _sse_events(resp)
-        return int(events[-1]["usage"]["completion_tokens"])
+        return int(events[-1]["usage"]["completion_tokens"]), len(events) - 1
     return one
 
 
 async def _doors(grpc_address: str, http_address: str, tokens: int) -> dict[str, float]:
+    """tokens/s per door and load, and tokens per message (`... tok/msg`)."""
     out = {}
     connector = aiohttp.TCPConnector(limit=0)
     async with grpc.aio.insecure_channel(grpc_address) as channel, \
@@ -95,7 +99,8 @@ async def _doors(grpc_address: str, http_address: str, tokens: int) -> dict[str,
             await _rate(door, 4, 64)  # warm-up: connections, code paths
         for streams in (1, 32):
             for name, door in doors.items():
-                out[f"{name}@{streams}"] = await _rate(door, streams, tokens)
+                rate, per_message = await _rate(door, streams, tokens)
+                out[f"{name}@{streams}"], out[f"{name}@{streams} tok/msg"] = rate, per_message
     return out
 
 
@@ -158,11 +163,12 @@ def serve_starlette(port: int) -> None:
 
 async def _stack_rates(port: int, tokens: int) -> dict[str, float]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one(n: int) -> int:
+        async def one(n: int) -> tuple[int, int]:
             async with session.get(f"http://127.0.0.1:{port}/sse", params={"n": str(n)}) as resp:
-                return len(await _sse_events(resp))
+                events = len(await _sse_events(resp))
+                return events, events
         await _rate(one, 4, 64)
-        return {f"@{s}": await _rate(one, s, tokens) for s in (1, 32)}
+        return {f"@{s}": (await _rate(one, s, tokens))[0] for s in (1, 32)}
 
 
 def _free_port() -> int:
@@ -207,7 +213,8 @@ def _report(title: str, runs: dict[str, list[float]]) -> dict[str, float]:
     medians = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{title}")
     for key, value in medians.items():
-        print(f"  {key:<32} {value:>10,.0f} /s   runs: {', '.join(f'{x:,.0f}' for x in runs[key])}")
+        unit = "tokens/message" if key.endswith("tok/msg") else "/s"
+        print(f"  {key:<32} {value:>10,.1f} {unit}   runs: {', '.join(f'{x:,.1f}' for x in runs[key])}")
     return medians
 
 
@@ -225,17 +232,22 @@ def main() -> None:
         return
     doors: dict[str, float] = {}
     stacks: dict[str, float] = {}
+    door_runs: dict[str, list[float]] = {}
+    stack_runs: dict[str, list[float]] = {}
     if args.part in ("doors", "both"):
-        doors = _report("tokens/s through each door (null model)", measure_doors(args.tokens, args.repeats))
+        door_runs = measure_doors(args.tokens, args.repeats)
+        doors = _report("tokens/s through each door (null model), and tokens per message", door_runs)
         for mode in ("engine", "1/msg"):
             for s in (1, 32):
                 ratio = doors[f"{mode} http@{s}"] / doors[f"{mode} grpc@{s}"]
                 print(f"  {mode} @{s}: HTTP / gRPC = {ratio:.2f}")
     if args.part in ("stacks", "both"):
-        stacks = _report("SSE events/s by HTTP stack", measure_stacks(args.tokens, args.repeats))
+        stack_runs = measure_stacks(args.tokens, args.repeats)
+        stacks = _report("SSE events/s by HTTP stack", stack_runs)
     if args.out:
         path = Path(args.out) / "openai_http.json"
-        path.write_text(json.dumps({"doors": doors, "stacks": stacks, "load": os.getloadavg()}, indent=2) + "\n")
+        path.write_text(json.dumps({"doors": doors, "stacks": stacks, "load": os.getloadavg(),
+                                    "runs": {**door_runs, **stack_runs}}, indent=2) + "\n")
         print(f"wrote {path}")
 
 
