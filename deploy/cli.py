@@ -37,7 +37,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         try:
             address = await cluster.start()
             record = discovery.record(address, args.config)
-            print(f"pdserve router listening on {address} (Ctrl-C to stop)", flush=True)
+            http = cluster.router.http_address
+            door = f", OpenAI HTTP on http{'s' if cfg.router.tls.cert else ''}://{http}/v1" if http else ""
+            print(f"pdserve router listening on {address} (gRPC){door} (Ctrl-C to stop)", flush=True)
             await stop.wait()
         finally:
             if record is not None:

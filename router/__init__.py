@@ -10,5 +10,7 @@ wire (request parsing: bad UTF-8 -> INVALID_ARGUMENT), validate (checks, default
 admission, registry (heartbeats, expiry), picker (+ prefix: block hashes = the engine's), flow (one
 request: prefill -> first token -> decode -> stream, cancel/deadline, ReleaseKV), output + detok
 (text, stop strings, finish reasons, usage), errors, security (API keys, TLS), status (GetStatus,
-table/JSON), client (blocking helpers for the CLI).
+table/JSON), client (blocking helpers for the CLI); the OpenAI HTTP door on `http_port`: http_server
+(aiohttp on the same loop, entering flow.run_request), openai_request / openai_response (JSON and
+SSE <-> GenerateRequest / GenerateResponse), chat_template (Jinja2, as transformers renders it).
 """

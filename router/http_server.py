@@ -36,6 +36,8 @@ from router.validate import InvalidRequest, prepare
 log = logging.getLogger(__name__)
 REQUEST_ID = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout"
+MAX_BODY_BYTES = 4 << 20  # as gRPC's default receive limit; larger bodies get 413
+STOP_GRACE_SECONDS = 1.0  # at stop, running HTTP requests get this long, then are cancelled
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,7 +79,7 @@ class _Stream:
             await self.response.prepare(self.http)
             if self.out.request.chat:
                 await self.response.write(sse(self.out.role_chunk()))
-        await self.response.write(sse(self.out.chunk(msg)))
+        await self.response.write(self.out.chunk_sse(msg))
 
     async def finish(self) -> web.StreamResponse:
         assert self.response is not None  # run_request writes at least one message
@@ -117,7 +119,7 @@ class HttpServer:
             return None, str(e)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 << 20)
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -126,7 +128,8 @@ class HttpServer:
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Binds host:port (0 = a free port); returns the port."""
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=STOP_GRACE_SECONDS)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=False)
         try:

@@ -153,7 +153,8 @@ def _prompt(body: Mapping[str, Any], req: router_pb2.GenerateRequest) -> None:
         raise bad("prompt", "expected a string or a list of token ids (one prompt per request)")
 
 
-def _common(body: Mapping[str, Any], request_id: str, chat: bool) -> tuple[bool, bool]:
+def _common(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) after the checks every endpoint shares."""
     if not isinstance(body, Mapping):
         raise bad("body", "expected a JSON object")
     _check_unsupported(body)
@@ -163,7 +164,7 @@ def _common(body: Mapping[str, Any], request_id: str, chat: bool) -> tuple[bool,
 
 def parse_completion(body: Mapping[str, Any], request_id: str) -> OpenAIRequest:
     """POST /v1/completions."""
-    stream, usage = _common(body, request_id, chat=False)
+    stream, usage = _common(body)
     logprobs = _int(body, "logprobs")
     req = router_pb2.GenerateRequest(request_id=request_id)
     _prompt(body, req)
@@ -212,7 +213,7 @@ def parse_chat(body: Mapping[str, Any], request_id: str, template: ChatTemplate 
                bos_added: bool = False) -> OpenAIRequest:
     """POST /v1/chat/completions; `bos_added`: the tokenizer adds the BOS itself (a template's
     leading BOS text is then dropped, as transformers tokenizes without special tokens)."""
-    stream, usage = _common(body, request_id, chat=True)
+    stream, usage = _common(body)
     if template is None:
         raise ApiError(400, "this model has no chat template (tokenizer_config.json has no "
                        "`chat_template`): use /v1/completions", "messages", code="no_chat_template")

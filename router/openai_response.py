@@ -65,12 +65,25 @@ class OpenAIOutput:
         self.text: list[str] = []
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.text_len = 0  # characters streamed so far (logprobs' text_offset)
         self.last: router_pb2.GenerateResponse | None = None
+        self._frame = self._sse_frame()
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.request.chat \
             else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _sse_frame(self) -> tuple[bytes, bytes, bytes]:
+        """The bytes of a streamed chunk around its text and finish reason (serialized once)."""
+        head = json.dumps(self._head(True), ensure_ascii=False, separators=(",", ":"))[:-1]
+        key = '"delta":{"content":' if self.request.chat else '"text":'
+        tail = "}" if self.request.chat else ""
+        usage = ',"usage":null' if self.request.include_usage else ""
+        before = f'data: {head},"choices":[{{"index":0,{key}'
+        middle = f'{tail},"logprobs":null,"finish_reason":'
+        end = f"}}]{usage}}}\n\n"
+        return before.encode(), middle.encode(), end.encode()
 
     def _logprobs(self, tokens: Sequence[int], logprobs: Sequence[float], offset: int) -> Any:
         if not self.request.logprobs:
@@ -106,19 +119,36 @@ class OpenAIOutput:
         return self._chunk([choice])
 
     def chunk(self, msg: router_pb2.GenerateResponse) -> dict[str, Any]:
-        offset = sum(len(t) for t in self.text)
-        self.add(msg)
+        """The streamed chunk of one router message."""
+        offset = self.text_len
+        self._seen(msg)
         lp = self._logprobs(msg.token_ids, msg.logprobs, offset)
         return self._chunk([self._choice(msg.text, lp, FINISH.get(msg.finish_reason), True)])
+
+    def chunk_sse(self, msg: router_pb2.GenerateResponse) -> bytes:
+        """sse(chunk(msg)), built from the pre-serialized frame when there are no logprobs."""
+        if self.request.logprobs:
+            return sse(self.chunk(msg))
+        self._seen(msg)
+        finish = FINISH.get(msg.finish_reason)
+        text = json.dumps(msg.text, ensure_ascii=False).encode()
+        reason = b"null" if finish is None else b'"' + finish.encode() + b'"'
+        before, middle, end = self._frame
+        return b"".join((before, text, middle, reason, end))
 
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": self.usage()}
 
+    def _seen(self, msg: router_pb2.GenerateResponse) -> None:
+        self.text_len += len(msg.text)
+        self.last = msg
+
     def add(self, msg: router_pb2.GenerateResponse) -> None:
+        """Non-streaming: keeps the message for body()."""
         self.text.append(msg.text)
         self.tokens.extend(msg.token_ids)
         self.logprobs.extend(msg.logprobs)
-        self.last = msg
+        self._seen(msg)
 
     def usage(self) -> dict[str, int] | None:
         return usage_of(self.last) if self.last is not None else None

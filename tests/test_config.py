@@ -27,7 +27,7 @@ from deploy.config import main as config_main
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
 ROUTER_KEYS = ("host, port, internal_host, max_inflight, max_queued_prompt_tokens, "
-               "default_max_tokens, heartbeat_seconds, api_keys, tls, metrics_port, migration")
+               "default_max_tokens, heartbeat_seconds, api_keys, tls, http, metrics_port, migration")
 
 
 @pytest.fixture
@@ -294,7 +294,7 @@ def test_docs_table_is_current() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     assert reference_table() in doc
     rows = [r for r in reference_table().splitlines()[2:]]
-    assert len(rows) == 69 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
+    assert len(rows) == 72 and all(r.count(" | ") >= 3 and not r.endswith("|  |") for r in rows)
 
 
 def test_overrides_apply_on_top_of_the_file(write) -> None:

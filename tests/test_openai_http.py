@@ -1,5 +1,6 @@
-"""The OpenAI HTTP door end to end: a real cluster (router + Serve pools, TP=2 prefill over gloo, KV
-over UCX, the bundled default model and its chat template), driven by the official `openai` SDK.
+"""The OpenAI HTTP door end to end: a real cluster (router + Serve pools, KV over UCX, the bundled
+default model and its chat template), driven by the official `openai` SDK. Prefill TP=1 keeps the
+start short (the door does not depend on TP; TP=2 is covered by tests/test_e2e_serving.py).
 
 Every answer is checked against the gRPC API on the same cluster: greedy text, token counts and
 finish reasons must be equal, since both doors enter the same request flow.
@@ -8,6 +9,7 @@ finish reasons must be equal, since both doors enter the same request flow.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +36,7 @@ N = 12
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RunningCluster]:
     cfg = small_config(DEFAULT_MODEL_DIR, router={"http": {"port": 0}, "api_keys": [KEY]},
+                       prefill={"tensor_parallel_size": 1, "num_kv_blocks": 256, "resources": {"num_cpus": 0.25}},
                        model={"path": DEFAULT_MODEL_DIR, "block_size": 8, "name": "tiny-py"})
     with running_cluster(cfg) as cl:
         yield cl
@@ -245,6 +248,22 @@ def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningClust
     assert _wait_free(_grpc(cluster), within=1.0) <= 1.0
 
 
+def test_bench_drives_the_http_door(cluster: RunningCluster, tmp_path: Path) -> None:
+    """`pdserve bench --endpoint openai`: the gRPC bench's workload and metrics, through SSE."""
+    from deploy.bench import main as bench_main
+    from tests.test_bench import check_run
+
+    out = tmp_path / "bench"
+    rc = bench_main(["--endpoint", "openai", "--address", cluster.cluster.router.http_address,
+                     "--api-key", KEY, "--concurrency", "4", "--num-requests", "6", "--warmup", "1",
+                     "--dataset", "uniform", "--input-len", "16", "--output-len", "6", "--vocab", "2000",
+                     "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["endpoint"] == "openai"
+    check_run(result["runs"][0], 6)
+
+
 def test_grpc_still_answers_beside_http(cluster: RunningCluster) -> None:
     with pytest.raises(grpc.RpcError) as err:
         generate(Endpoint(cluster.address, "wrong"), "hi", max_tokens=2, timeout=10)
@@ -281,3 +300,43 @@ def _status(url: str) -> int:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
+
+
+def test_http_uses_the_grpc_ports_tls_and_keys(tmp_path: Path) -> None:
+    """With TLS configured the HTTP door speaks HTTPS with the same certificate and keys."""
+    import ssl
+
+    from router.config import RouterConfig
+    from router.server import RouterServer
+    from tests.test_router_security import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    config = RouterConfig(vocab_size=100, context_len=64, port=0, http_port=0, api_keys=("k1",),
+                          tls_cert=cert, tls_key=key)
+
+    def get(url: str, api_key: str) -> int:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
+        context = ssl.create_default_context(cafile=cert)
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    async def run() -> tuple[int, int, str]:
+        server = RouterServer(config, None)
+        await server.start()
+        try:
+            url = f"https://{server.http_address}/v1/models"
+            ok, wrong = await asyncio.to_thread(get, url, "k1"), await asyncio.to_thread(get, url, "k2")
+            try:
+                await asyncio.to_thread(_status, f"http://{server.http_address}/health")
+                plain = "answered"
+            except (urllib.error.URLError, ConnectionError) as e:
+                plain = type(e).__name__
+            return ok, wrong, plain
+        finally:
+            await server.stop(0)
+
+    ok, wrong, plain = asyncio.run(run())
+    assert (ok, wrong) == (200, 401) and plain != "answered"

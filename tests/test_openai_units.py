@@ -156,3 +156,16 @@ def test_yaml_keys() -> None:
     assert cfg.router.http.port is None and cfg.model.served_name == "tiny"
     default = parse_config({}, "t")
     assert default.router.http.port == 8000 and default.model.served_name == "default_model"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("usage", [False, True])
+def test_fast_sse_chunk_equals_the_dict_chunk(chat: bool, usage: bool) -> None:
+    body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": usage}}
+    req = parse_chat({**body, "messages": MESSAGES}, "q", ChatTemplate("{{ 1 }}")) if chat \
+        else parse_completion({**body, "prompt": "x"}, "q")
+    fast, slow = OpenAIOutput(req, "q", "m", 7, str), OpenAIOutput(req, "q", "m", 7, str)
+    for msg in (_msg([1], 'a "quoted" é\n'), _msg([2], "", router_pb2.LENGTH)):
+        frame = fast.chunk_sse(msg)
+        assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+        assert json.loads(frame[6:]) == slow.chunk(msg)

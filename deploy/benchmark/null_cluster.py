@@ -14,7 +14,8 @@ Registry, like the real replicas; the router (validation, admission, picking, st
 
 `python -m deploy.benchmark.null_cluster --role router|workers|both` runs one part in its own
 process (benchmarks put the client, the router and the workers in separate processes) and prints
-`ROUTER host:port REGISTRY host:port` once serving; it stops when stdin closes.
+`ROUTER host:port REGISTRY host:port` (plus `HTTP host:port` with `--http-port`) once serving; it
+stops when stdin closes.
 """
 
 from __future__ import annotations
@@ -139,11 +140,12 @@ class NullCluster:
 
 
 async def start_null_router(max_inflight: int = 4096, context_len: int = 1 << 16,
-                            heartbeat_seconds: float = 0.2) -> RouterServer:
-    """The real router on 127.0.0.1:0, no tokenizer (token ids in and out, empty text)."""
+                            heartbeat_seconds: float = 0.2, http_port: int | None = None) -> RouterServer:
+    """The real router on 127.0.0.1:0, no tokenizer (token ids in and out, empty text); with
+    `http_port` (0 = a free one) also its OpenAI HTTP door."""
     config = RouterConfig(vocab_size=VOCAB, context_len=context_len, block_size=BLOCK_SIZE, port=0,
                           max_inflight=max_inflight, max_queued_prompt_tokens=1 << 30,
-                          heartbeat_seconds=heartbeat_seconds)
+                          heartbeat_seconds=heartbeat_seconds, http_port=http_port, model_name="null")
     router = RouterServer(config, None)
     await router.start()
     return router
@@ -179,15 +181,18 @@ async def start_null_cluster(decode: DecodeMode = 1, max_inflight: int = 4096,
     return cluster
 
 
-async def _serve(role: str, registry: str, decode: DecodeMode, heartbeat: float) -> None:
-    router = await start_null_router(heartbeat_seconds=heartbeat) if role in ("router", "both") else None
+async def _serve(role: str, registry: str, decode: DecodeMode, heartbeat: float,
+                 http_port: int | None = None) -> None:
+    router = await start_null_router(heartbeat_seconds=heartbeat, http_port=http_port) \
+        if role in ("router", "both") else None
     workers = []
     if role in ("workers", "both"):
         workers = await start_null_workers(router.internal_address if router else registry, decode, heartbeat)
     if router is not None:
         if workers:
             await wait_serving(router, 30.0)
-        print(f"ROUTER {router.address} REGISTRY {router.internal_address}", flush=True)
+        http = f" HTTP {router.http_address}" if router.http is not None else ""
+        print(f"ROUTER {router.address} REGISTRY {router.internal_address}{http}", flush=True)
     else:
         print("WORKERS up", flush=True)
     await asyncio.to_thread(sys.stdin.read)  # until the parent closes our stdin
@@ -200,10 +205,11 @@ def main() -> None:
     p.add_argument("--registry", default="", help="workers: the router's registry host:port")
     p.add_argument("--decode", default="1", help='"engine" or tokens per message')
     p.add_argument("--heartbeat", type=float, default=PROCESS_HEARTBEAT_S)
+    p.add_argument("--http-port", type=int, default=None, help="router: also serve OpenAI HTTP (0 = free port)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     decode: DecodeMode = args.decode if args.decode == "engine" else int(args.decode)
-    asyncio.run(_serve(args.role, args.registry, decode, args.heartbeat))
+    asyncio.run(_serve(args.role, args.registry, decode, args.heartbeat, args.http_port))
 
 
 if __name__ == "__main__":
@@ -214,22 +220,31 @@ if __name__ == "__main__":
 def null_processes(decode: DecodeMode = 1, timeout: float = 60.0) -> Iterator[str]:
     """The null router and the null workers, each in its own Python process; yields the router's
     address once it is SERVING. Both stop when the block exits."""
+    with null_processes_http(decode, timeout, http=False) as (address, _):
+        yield address
+
+
+@contextlib.contextmanager
+def null_processes_http(decode: DecodeMode = 1, timeout: float = 60.0,
+                        http: bool = True) -> Iterator[tuple[str, str]]:
+    """null_processes, the router also serving OpenAI HTTP: yields (gRPC address, HTTP address)."""
     from router.client import wait_healthy
 
     cmd = [sys.executable, "-m", "deploy.benchmark.null_cluster"]
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    router = subprocess.Popen([*cmd, "--role", "router"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
+    extra = ["--http-port", "0"] if http else []
+    router = subprocess.Popen([*cmd, "--role", "router", *extra], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
     procs = [router]
     try:
         words = (router.stdout.readline() if router.stdout else "").split()
-        if len(words) != 4:
+        if len(words) != (6 if http else 4):
             raise RuntimeError(f"null router did not start: {words}")
         workers = subprocess.Popen([*cmd, "--role", "workers", "--registry", words[3], "--decode", str(decode)],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         procs.append(workers)
         wait_healthy(words[1], timeout)
-        yield words[1]
+        yield words[1], words[5] if http else ""
     finally:
         for p in reversed(procs):
             if p.stdin:
