@@ -119,7 +119,8 @@ class Cluster:
             except Exception as exc:
                 if attempt == 2 or self.cfg.ray.address is not None or "timed out during startup" not in str(exc):
                     raise
-                log.warning("local Ray did not start (%s); starting it again", exc)
+                log.debug("local Ray start-up timed out: %s", exc)
+                log.warning("local Ray did not register in time (a busy machine?); starting it again")
                 ray.shutdown()
 
     def _run_apps(self, cfg: DeployConfig, pools: tuple[str, ...], initial: bool) -> None:
