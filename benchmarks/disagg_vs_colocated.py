@@ -15,8 +15,14 @@ TTFT+TPOT SLO per rate, their disaggregated/colocated ratios, and goodput at tig
 SLOs (the SLO scaled by 0.5..4, from the same records). The router and the bench client are not
 pinned: they share the cores with the workers in both runs alike.
 
-Model: deploy/default_model when its checkpoint exists, else a random-weight Llama of the same shape
-(hidden 256, 4 layers, 8 heads, 4 KV heads; 2048 positions) written with engine.make_model's parts.
+Model: --model DIR, else deploy/default_model when it holds the workload's longest request, else a
+random-weight Llama of its shape with 2048 positions (hidden 256, 4 layers, 8 heads, 4 KV heads)
+written with engine.make_model's parts. A workload whose longest request (prompt + answer, after the
+dataset's length jitter) does not fit the model is refused before anything starts: the server would
+refuse those requests and the ratios would be computed from the short ones alone.
+
+Failed requests count against goodput (they are not good) and are printed first; a repeat in which
+any request failed gets no ratios ("ratios_withheld" says why).
 """
 
 from __future__ import annotations
@@ -52,13 +58,37 @@ BENCH_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, 
                    num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
 
 
-def model_dir(scratch: Path) -> str:
-    """deploy/default_model if trained, else a random model of its shape (longer context)."""
-    if (Path(DEFAULT_MODEL_DIR) / "config.json").exists():
-        return DEFAULT_MODEL_DIR
+def longest_request(args: argparse.Namespace, range_ratio: float) -> int:
+    """Tokens of the mixed workload's longest request: a long prompt with a short answer, or a
+    short prompt with a long answer, each length at the top of its jitter."""
+    def top(n: int) -> int:
+        return max(1, round(n * (1 + range_ratio)))
+    return max(top(args.input_len) + top(args.short_len), top(args.short_len) + top(args.output_len))
+
+
+def model_dir(scratch: Path, args: argparse.Namespace, needed: int) -> str:
+    """--model, else deploy/default_model if it holds `needed` tokens, else a random model of its
+    shape with 2048 positions. Exits with a message when the chosen model cannot hold the workload."""
+    if args.model:
+        return _holding(args.model, needed)
+    default = Path(DEFAULT_MODEL_DIR)
+    if (default / "config.json").exists() and load_model_config(str(default)).max_position_embeddings >= needed:
+        return str(default)
+    print("a random model of deploy/default_model's shape with 2048 positions", file=sys.stderr)
+    return _holding(_random_model(scratch), needed)
+
+
+def _holding(model: str, needed: int) -> str:
+    positions = load_model_config(model).max_position_embeddings
+    if positions < needed:
+        sys.exit(f"disagg_vs_colocated: the workload's longest request is {needed} tokens but {model} holds "
+                 f"{positions}: lower --input-len/--output-len or pass a longer --model")
+    return model
+
+
+def _random_model(scratch: Path) -> str:
     from engine.make_model import config_json, random_weights, write_safetensors, write_tokenizer
 
-    print("deploy/default_model has no checkpoint yet: a random model of its shape", file=sys.stderr)
     d = scratch / "model"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(config_json("llama", "tiny") | BENCH_SHAPE))
@@ -109,6 +139,16 @@ def pdserve_up(config: Path, attempts: int = 3) -> Iterator[str]:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def failures(runs: list[RunResult]) -> str:
+    """A line per run with failed requests (first error shown), before anything else is read."""
+    lines = []
+    for r in runs:
+        bad = [rec for rec in r.records if not rec.ok]
+        if bad:
+            lines.append(f"!! FAILED {len(bad)} of {len(r.records)} requests at {r.load.label}: {bad[0].error}\n")
+    return "".join(lines)
 
 
 def good_per_s(result: RunResult, slo: SLO) -> float:
@@ -192,6 +232,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slo-tpot-ms", type=float, default=40.0)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeat", type=int, default=1, help="runs of each mode, alternating the order")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: see the module docstring)")
     p.add_argument("--out", default="bench-out/disagg_vs_colocated")
     return p.parse_args()
 
@@ -213,7 +254,7 @@ def main() -> None:
     repeats: list[dict[str, Any]] = []
     results: dict[str, list[RunResult]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        model = model_dir(Path(scratch))
+        model = model_dir(Path(scratch), args, longest_request(args, 0.25))
         dataset = DatasetConfig("mixed", input_len=args.input_len, output_len=args.output_len,
                                 short_len=args.short_len, range_ratio=0.25, long_fraction=args.long_fraction,
                                 vocab_size=load_model_config(model).vocab_size)
@@ -224,12 +265,15 @@ def main() -> None:
             for mode in (modes if i % 2 == 0 else modes[::-1]):
                 load_before = os.getloadavg()[0]
                 results[mode] = run_mode(mode, model, Path(scratch), args, cfg)
-                print(f"== {mode} (repeat {i})\n{format_table(results[mode])}", flush=True)
+                print(f"== {mode} (repeat {i})\n{failures(results[mode])}{format_table(results[mode])}", flush=True)
                 write_json(out / f"{mode}-{i}.json", dataclasses.replace(cfg, address=mode), results[mode])
                 rows[mode] = [run_row(r, slo) | {"loadavg_1m_before": load_before,
                                                  "loadavg_1m_after": os.getloadavg()[0]}
                               for r in results[mode]]
-            repeats.append({"runs": rows, "ratios": compare(rows) if len(rows) == 2 else []})
+            failed = sum(r["failed"] for runs in rows.values() for r in runs)
+            withheld = f"{failed} requests failed" if failed else None
+            repeats.append({"runs": rows, "ratios_withheld": withheld,
+                            "ratios": compare(rows) if len(rows) == 2 and not failed else []})
             plot(results, out, suffix=f"-{i}")
     summary = {"model": model, "cores": args.cores, "chunk": args.chunk,
                "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
@@ -237,7 +281,7 @@ def main() -> None:
                            "long_fraction": args.long_fraction},
                "repeats": repeats}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps([r["ratios"] for r in repeats], indent=1))
+    print(json.dumps([r["ratios"] or r["ratios_withheld"] for r in repeats], indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ in-process memcpy of the same bytes, for the UCX and torch.distributed backends.
 One block is 1 MiB (8 layers, K+V, 8 heads, 16 tokens, head_dim 64, fp32). `contiguous` pulls a
 run of blocks into a run at another offset (zero-copy on both sides); `scattered` pulls randomly
 permuted block ids (gather at the source, scatter at the puller). GB/s = bytes / median seconds.
+
+`raw UCX` is `ucx_perftest -t tag_bw` (from the libucx wheel) between two processes on this host,
+run beside each size with the same message size and UCX settings: the transport's own ceiling for
+the UCX payload path (`ucx-payload`), which carries the same bytes as tagged messages.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -103,6 +109,32 @@ async def measure(puller: Any, endpoint: str, n: int, pattern: str, repeats: int
     return statistics.median(pulls), statistics.median(copies)
 
 
+def ucx_perftest(nbytes: int, iters: int) -> float | None:
+    """GB/s of `ucx_perftest -t tag_bw -s nbytes` between two processes on loopback; None if the
+    tool is missing."""
+    import libucx
+
+    root = os.path.dirname(libucx.__file__)
+    exe = os.path.join(root, "bin", "ucx_perftest")
+    if not os.path.exists(exe):
+        return None
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(root, "lib") + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
+    port = str(13000 + os.getpid() % 2000)
+    server = subprocess.Popen([exe, "-p", port], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):  # the server needs a moment to listen
+            client = subprocess.run([exe, "127.0.0.1", "-p", port, "-t", "tag_bw", "-s", str(nbytes), "-n", str(iters)],
+                                    env=env, capture_output=True, text=True, timeout=120)
+            final = re.search(r"Final:\s+\d+\s+(\S+\s+){4}(\S+)", client.stdout)  # overall MB/s
+            if final:
+                return float(final.group(2)) * 2**20 / 1e9  # MB/s (MiB) -> GB/s
+            time.sleep(0.1)
+        return None
+    finally:
+        server.kill()
+        server.wait()
+
+
 def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> list[tuple[int, float, float]]:
     num_blocks = max(sizes) * (2**20) // BLOCK_BYTES
     ctx = mp.get_context("spawn")
@@ -141,6 +173,7 @@ def main() -> None:
     parser.add_argument("--pattern", choices=["contiguous", "scattered"], default="contiguous")
     parser.add_argument("--no-shm", action="store_true", help="UCX payload over the tcp control connection")
     parser.add_argument("--tls", default=None, help="UCX_TLS for both processes")
+    parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip ucx_perftest")
     args = parser.parse_args()
     if args.tls:
         os.environ["UCX_TLS"] = args.tls
@@ -148,10 +181,13 @@ def main() -> None:
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"pattern={args.pattern} shm={not args.no_shm} UCX_TLS={os.environ.get('UCX_TLS', '(default)')}")
-    print(f"{'backend':<11} {'MB':>5} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
+    raw = {mb: ucx_perftest(mb * 2**20, max(20, 2 * args.repeats)) for mb in sizes} if args.raw else {}
+    print(f"{'backend':<11} {'MB':>5} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6} {'raw UCX GB/s':>13} {'vs raw':>7}")
     for backend in args.backends.split(","):
         for mb, pull, copy in run_backend(backend, sizes, args):
-            print(f"{backend:<11} {mb:>5} {pull:>10.2f} {copy:>12.2f} {pull / copy:>6.0%}", flush=True)
+            ucx = raw.get(mb)
+            raw_cols = f"{ucx:>13.2f} {pull / ucx:>7.2f}" if ucx else f"{'-':>13} {'-':>7}"
+            print(f"{backend:<11} {mb:>5} {pull:>10.2f} {copy:>12.2f} {pull / copy:>6.0%} {raw_cols}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,4 +25,6 @@ class DecodeWorkerConfig:
     transfer_timeout_seconds: float = 10.0
     admission_wait_seconds: float = 5.0  # how long a request may wait for free KV blocks
     replica_id: str = ""
+    rank_num_cpus: float = 0.5  # Ray resources of each follower rank (bundle 1..N-1)
+    rank_num_gpus: float = 0.0
     cpu_affinity: tuple[int, ...] = ()  # cores this replica's process is pinned to; () = not pinned

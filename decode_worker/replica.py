@@ -1,10 +1,16 @@
-"""One decode replica: a (optionally quantized) engine, a KV puller and the DecodeWorker service.
+"""One decode replica: a TP group of `tensor_parallel_size` processes, rank 0 in this one, each
+with its (optionally quantized) model slice, KV cache and KV puller; the DecodeWorker service.
 
 Lifecycle:
-  1. `start()` builds the engine (quantized layer by layer while loading), the KV puller over its
-     cache, and starts the gRPC service on `cfg.host` (ephemeral port).
-  2. Requests flow through `DecodeService` (decode_worker/server.py).
-  3. `status()` feeds the heartbeat; `stop()` stops the service, the engine thread and the puller.
+  1. `start()`: with TP > 1, start ranks 1..N-1 as Ray actors (decode_worker/rank.py) in this
+     replica's placement group bundles 1..N-1; every rank joins a gloo (CPU) / NCCL (GPU) group
+     through rank 0's rendezvous. Rank 0 builds the engine (scheduler, its model slice, quantized
+     layer by layer while loading) and drives the others with the engine's step broadcast.
+  2. Requests flow through `DecodeService` (decode_worker/server.py). A request's KV is pulled by
+     every rank at once, each its own KV heads from the prefill ranks that hold them, into the
+     blocks rank 0 reserved (the same block ids on every rank).
+  3. `status()` feeds the heartbeat; `stop()` stops the service, the TP group, the engine thread and
+     the pullers.
 """
 
 from __future__ import annotations
@@ -12,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
+from decode_worker.rank import DecodeRank, RankPulls
 from decode_worker.server import SERVER_OPTIONS, DecodeService
 from engine.async_engine import AsyncEngine
 from engine.cpus import pin_process
+from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
@@ -54,8 +63,6 @@ class PullStats:
 
 class DecodeReplica:
     def __init__(self, cfg: DecodeWorkerConfig) -> None:
-        if cfg.tensor_parallel_size != 1:
-            raise ValueError("decode.tensor_parallel_size > 1 is not supported by the decode replica yet")
         pin_process(cfg.cpu_affinity)
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
@@ -66,11 +73,19 @@ class DecodeReplica:
         self.service: DecodeService | None = None
         self.pulls = PullStats()
         self.address = ""
+        self.ranks = RankPulls([])
 
     async def start(self) -> str:
-        llm = await asyncio.to_thread(self._build_engine)
+        cache = CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks)
+        world = self.cfg.tensor_parallel_size
+        spec = GroupSpec(f"tcp://{self.cfg.host}:{free_port(self.cfg.host)}", world, cache)
+        followers = [self._spawn(rank, spec) for rank in range(1, world)]
+        self.ranks = RankPulls(followers)
+        follower_starts = [f.start.remote() for f in followers]
+        llm = await asyncio.to_thread(self._build_engine, spec)
+        await asyncio.gather(*follower_starts)
         self.engine = AsyncEngine(llm, asyncio.get_running_loop())
-        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads,
+        self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, world, llm.model_config.num_kv_heads,
                                   same_host_read=self.cfg.kv_same_host_read)
         self.service = service = DecodeService(
             self.engine, self._pull, self._release, self.cfg.transfer_timeout_seconds,
@@ -84,7 +99,8 @@ class DecodeReplica:
         self.address = f"{self.cfg.host}:{port}"
         return self.address
 
-    def _build_engine(self) -> LLMEngine:
+    def _build_engine(self, spec: GroupSpec) -> LLMEngine:
+        tp = init_group(spec, 0, self.cfg.device) if spec.world_size > 1 else None
         config = EngineConfig(
             model=self.cfg.model_path,
             dtype=self.cfg.dtype,
@@ -95,21 +111,36 @@ class DecodeReplica:
             quantization=self.cfg.quantization,
             device=self.cfg.device,
         )
-        return LLMEngine(config, None, CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks))
+        return LLMEngine(config, tp, spec.cache)
+
+    def _spawn(self, rank: int, spec: GroupSpec) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.get_current_placement_group()
+        options: dict[str, Any] = {"num_cpus": self.cfg.rank_num_cpus, "num_gpus": self.cfg.rank_num_gpus}
+        if pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+        return ray.remote(DecodeRank).options(**options).remote(self.cfg, rank, spec)
+
+    def _block_bytes(self) -> int:
+        """One block on every rank: all layers, K and V, each rank's heads."""
+        assert self.engine is not None
+        return self.engine.engine.kv[0].nbytes * self.cfg.tensor_parallel_size
 
     async def _pull(self, handle: KVHandle, blocks: list[int], timeout: float) -> None:
-        assert self.puller is not None and self.engine is not None
+        assert self.puller is not None
         start = time.perf_counter()
-        await self.puller.pull(handle, blocks, timeout)
-        block_bytes = self.engine.engine.kv[0].nbytes  # one block: all layers, K and V
-        self.pulls.observe(time.perf_counter() - start, len(blocks) * block_bytes)
+        await self.ranks.run(self.puller.pull(handle, blocks, timeout), handle, blocks, timeout, -1)
+        self.pulls.observe(time.perf_counter() - start, len(blocks) * self._block_bytes())
 
     async def _pull_chunk(self, handle: KVHandle, first_block: int, blocks: list[int], timeout: float) -> int | None:
         """One chunk of a streamed handle (its latency includes waiting for prefill to compute it)."""
-        assert self.puller is not None and self.engine is not None
+        assert self.puller is not None
         start = time.perf_counter()
-        first = await self.puller.pull_chunk(handle, first_block, blocks, timeout)
-        self.pulls.observe(time.perf_counter() - start, len(blocks) * self.engine.engine.kv[0].nbytes)
+        own = self.puller.pull_chunk(handle, first_block, blocks, timeout)
+        first = await self.ranks.run(own, handle, blocks, timeout, first_block)
+        self.pulls.observe(time.perf_counter() - start, len(blocks) * self._block_bytes())
         return first
 
     async def _release(self, prefill_address: str, request_id: str) -> None:
@@ -129,7 +160,7 @@ class DecodeReplica:
         ready = self.engine is not None and self.engine.error is None and self.address != ""
         st = worker_pb2.WorkerStatus(
             replica_id=replica_id, role=worker_pb2.WorkerStatus.DECODE, address=self.address, ready=ready,
-            tp_size=1, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
+            tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
             quantization=self.cfg.quantization,
         )
         if self.engine is not None:
@@ -144,9 +175,12 @@ class DecodeReplica:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.engine is not None:
+            if self.engine.error is None:
+                await self.engine.call(self.engine.engine.shutdown)  # stops the follower ranks
             self.engine.close()
         if self.puller is not None:
             await self.puller.close()
+        await self.ranks.stop()
         for channel in self.channels.values():
             await channel.close()
 

@@ -4,8 +4,9 @@ Lifecycle of a request here:
   1. `Decode` arrives with the prompt ids, prefill's first token and the KVHandle.
   2. The engine reserves blocks for the prompt's KV (waiting up to `admission_wait_seconds` for room;
      RESOURCE_EXHAUSTED after that, so the router can try another replica).
-  3. The puller pulls every needed prefill rank's heads straight into those blocks (timeout-bounded),
-     then tells the prefill replica to release its lease (also when the pull failed).
+  3. Every decode rank pulls its own KV heads from the prefill ranks holding them straight into those
+     blocks, all at once (timeout-bounded; `pull` is the replica's, decode_worker/replica.py), then
+     the prefill replica is told to release its lease (also when the pull failed).
   4. `resume` joins the request to the running batch; every engine step's new tokens for it leave as
      one DecodeResponse (tokens that piled up while the stream was busy are merged into one message).
   5. A cancelled stream aborts the request: the engine frees its blocks, whatever state it was in
@@ -20,6 +21,7 @@ timeout is also bounded by the call's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -158,12 +160,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return first
 
     async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
+        """Reserves blocks, waiting up to admission_wait for a step or abort to free some."""
         deadline = time.monotonic() + self.admission_wait
         while True:
+            changed = self.engine.next_change()
             blocks = await self.engine.call(reserve)
-            if blocks is not None or time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if blocks is not None or left <= 0:
                 return blocks
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed, left)
 
     async def _stream(self, stream: RequestStream) -> AsyncIterator[worker_pb2.DecodeResponse]:
         while True:

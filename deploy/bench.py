@@ -2,6 +2,7 @@
 
     pdserve bench --address 127.0.0.1:50051 --concurrency 1,4,16 --num-requests 64 --out out/
     pdserve bench --address ... --request-rate 1,2,4 --dataset mixed --slo-ttft-ms 500 --slo-tpot-ms 50
+    pdserve bench --endpoint openai --address 127.0.0.1:8000 ...   # the same, over OpenAI HTTP (SSE)
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import grpc
 
-from deploy.benchmark.config import DATASETS, SLO, BenchConfig, DatasetConfig, Load
+from deploy.benchmark.config import DATASETS, ENDPOINTS, SLO, BenchConfig, DatasetConfig, Load
 from deploy.benchmark.plots import write_plots
 from deploy.benchmark.report import format_table, write_json
 from deploy.benchmark.runner import run_bench
-from deploy.discovery import resolve, unreachable
+from deploy.discovery import RouterAddress, resolve, unreachable
 
 FALLBACK_VOCAB = 256
+DEFAULT_ADDRESS = {"grpc": "127.0.0.1:50051", "openai": "127.0.0.1:8000"}
 
 
 def _numbers(text: str, kind: type) -> list:  # type: ignore[type-arg]
@@ -31,8 +33,11 @@ def _numbers(text: str, kind: type) -> list:  # type: ignore[type-arg]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default=None, help="router HOST:PORT (default: $PDSERVE_ADDRESS, "
-                   "else the running `pdserve up` on this machine, else 127.0.0.1:50051)")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default="grpc",
+                   help="grpc: Router.Generate; openai: POST /v1/completions with SSE streaming")
+    p.add_argument("--address", default=None, help="router HOST:PORT (grpc default: $PDSERVE_ADDRESS, "
+                   "else the running `pdserve up` on this machine, else 127.0.0.1:50051; openai default: "
+                   "127.0.0.1:8000)")
     p.add_argument("--concurrency", default=None,
                    help="requests in flight (comma list = one run each); with --request-rate: a cap")
     p.add_argument("--request-rate", default=None,
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range-ratio", type=float, default=0.5, help="uniform/mixed: lengths len*(1 +- r)")
     p.add_argument("--long-fraction", type=float, default=0.5, help="mixed: share of long prompts")
     p.add_argument("--vocab", type=int, default=None,
-                   help="prompt ids are drawn below this (default: from GetStatus, else 256)")
+                   help="prompt ids are drawn below this (default: from GetStatus (grpc), else 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -68,10 +73,12 @@ def _loads(args: argparse.Namespace) -> tuple[Load, ...]:
     return tuple(Load(math.inf, c) for c in caps or [1])
 
 
-def _vocab(address: str, given: int | None, api_key: str | None) -> int:
+def _vocab(address: str, given: int | None, api_key: str | None, endpoint: str = "grpc") -> int:
     """--vocab, else StatusResponse.vocab_size when the router reports one, else FALLBACK_VOCAB."""
     if given is not None:
         return given
+    if endpoint != "grpc":
+        return FALLBACK_VOCAB
     from router.client import Endpoint, get_status
 
     status = get_status(Endpoint(address, api_key))
@@ -84,13 +91,14 @@ def _vocab(address: str, given: int | None, api_key: str | None) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    address = args.address or DEFAULT_ADDRESS[args.endpoint]
     dataset = DatasetConfig(
         kind=args.dataset, input_len=args.input_len, output_len=args.output_len,
         short_len=args.short_len, range_ratio=args.range_ratio, long_fraction=args.long_fraction,
-        vocab_size=_vocab(args.address, args.vocab, args.api_key), seed=args.seed,
+        vocab_size=_vocab(address, args.vocab, args.api_key, args.endpoint), seed=args.seed,
     )
     return BenchConfig(
-        address=args.address, loads=_loads(args), dataset=dataset, num_requests=args.num_requests,
+        address=address, endpoint=args.endpoint, loads=_loads(args), dataset=dataset, num_requests=args.num_requests,
         warmup=args.warmup, slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms), timeout_s=args.timeout,
         api_key=args.api_key, root_ca=args.root_ca, seed=args.seed, progress=not args.no_progress,
     )
@@ -100,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`pdserve bench ARGS` -> main(ARGS). A leading "--" is dropped (`pdserve bench -- --address ...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    router = resolve(args.address)
+    router = resolve(args.address) if args.endpoint == "grpc" else RouterAddress(
+        args.address or DEFAULT_ADDRESS["openai"], "--address" if args.address else "the HTTP default")
     args.address = router.address
     try:
         cfg = config_from_args(args)

@@ -33,6 +33,7 @@ from deploy.serve_app import DECODE_APP, PREFILL_APP, build_prefill_app
 from engine.config import ModelConfig
 from engine.config import load_config as load_model_config
 from engine.tokenizer import Tokenizer
+from router.chat_template import read_chat_template
 from router.config import RouterConfig
 from router.server import RouterServer
 
@@ -43,6 +44,7 @@ UNDEPLOY_TIMEOUT_S = 180.0  # decode's drain bound (120 s) and the stops after i
 
 def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> RouterConfig:
     r = cfg.router
+    chat = read_chat_template(cfg.model.path)
     return RouterConfig(
         vocab_size=vocab_size, context_len=int(cfg.model.max_model_len or 0),
         block_size=cfg.model.block_size, eos_token_ids=eos, host=r.host, port=r.port,
@@ -52,6 +54,8 @@ def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> R
         api_keys=r.api_keys, tls_cert=r.tls.cert, tls_key=r.tls.key, tls_client_ca=r.tls.client_ca,
         migration=r.migration, kv_streaming=cfg.kv_transfer.streaming, local_prefill_max_tokens=(
             cfg.decode.local_prefill_max_tokens if cfg.serving_mode == "disaggregated" else 0),
+        http_port=r.http.port, model_name=cfg.model.served_name,
+        chat_template=chat.source if chat else None, chat_tokens=chat.tokens if chat else (),
     )
 
 
@@ -69,7 +73,8 @@ class Cluster:
         self._apply_lock = asyncio.Lock()
 
     def _checked(self, cfg: DeployConfig) -> DeployConfig:
-        return check_against_model(cfg, self.model.num_kv_heads, self.model.max_position_embeddings)
+        return check_against_model(cfg, self.model.num_kv_heads, self.model.max_position_embeddings,
+                                   num_heads=self.model.num_heads)
 
     def _router_config(self, cfg: DeployConfig) -> RouterConfig:
         return router_config(cfg, self.model.vocab_size, self.model.eos_token_ids)
@@ -113,7 +118,7 @@ class Cluster:
             try:
                 # ERROR: the driver's start-up notes are not the user's business (a retry's "Failed to
                 # get node info", "SIGTERM handler is not set" as ray.init runs off the main thread)
-                ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace,
+                ray.init(address=self.cfg.ray.address or "local", namespace=self.cfg.ray.namespace,
                          log_to_driver=False, logging_level=logging.ERROR)
                 return
             except Exception as exc:

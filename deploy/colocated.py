@@ -27,6 +27,8 @@ from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from decode_worker.server import DecodeService, Pull, Release, _fail
 from engine.async_engine import AsyncEngine, RequestStream
+from engine.distributed import GroupSpec
+from engine.kv_cache import CacheConfig
 from engine.sampling import SamplingParams
 from kv_transfer import make_puller
 from kv_transfer.handle import KVHandle
@@ -107,6 +109,8 @@ class ColocatedReplica(DecodeReplica):
     """A decode replica whose engine also prefills (see the module docstring)."""
 
     def __init__(self, cfg: ColocatedWorkerConfig) -> None:
+        if cfg.decode.tensor_parallel_size != 1:
+            raise ValueError("a colocated replica runs tensor_parallel_size 1 only")
         super().__init__(cfg.decode)
         self.colocated = cfg
         self.endpoint = f"{LOCAL_KV_SCHEME}{secrets.token_hex(8)}"
@@ -114,7 +118,8 @@ class ColocatedReplica(DecodeReplica):
         self.stats = LocalStats()
 
     async def start(self) -> str:
-        llm = await asyncio.to_thread(self._build_engine)
+        cache = CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks)
+        llm = await asyncio.to_thread(self._build_engine, GroupSpec("", 1, cache))
         self.engine = engine = AsyncEngine(llm, asyncio.get_running_loop())
         self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads,
                                   same_host_read=self.cfg.kv_same_host_read)

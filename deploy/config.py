@@ -64,6 +64,13 @@ class ModelSettings:
     block_size: int = opt(16, "tokens per KV block, shared by both pools", ge=1, le=1024)
     max_model_len: int | None = opt(None, "longest prompt + completion accepted, in tokens",
                                     ge=1, shown="model's `max_position_embeddings`")
+    name: str | None = opt(None, "the served model's id: the `model` of OpenAI requests and what "
+                           "`GET /v1/models` lists", nonempty=True,
+                           shown="the name of the `model.path` directory")
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.path).name
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +81,17 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    port: int | None = opt(8000, "OpenAI-compatible HTTP port (`/v1/completions`, "
+                           "`/v1/chat/completions`, `/v1/models`, `/health`) on `router.host`, "
+                           "with the gRPC port's TLS and API keys (0 = pick a free port); "
+                           "null = off", ge=0, le=65535)
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
-    host: str = opt("127.0.0.1", "interface the public gRPC server binds to", nonempty=True)
+    host: str = opt("127.0.0.1", "interface the public gRPC and HTTP servers bind to",
+                    nonempty=True)
     port: int = opt(50051, "public gRPC port (0 = pick a free one)", ge=0, le=65535)
     internal_host: str = opt("127.0.0.1", "interface of the internal registry server workers "
                              "heartbeat to (`auto` = this node's IP as Ray reports it)",
@@ -88,7 +104,9 @@ class RouterConfig:
                                    "periods is forgotten", gt=0)
     api_keys: tuple[str, ...] = opt((), "accepted `authorization: Bearer <key>` values; "
                                     "empty = no auth")
-    tls: TLSConfig = section(TLSConfig, "TLS for the public port (all null = plaintext)")
+    tls: TLSConfig = section(TLSConfig, "TLS for the public ports (all null = plaintext)")
+    http: HttpConfig = section(HttpConfig, "the OpenAI-compatible HTTP door into the same "
+                               "request flow")
     metrics_port: int | None = opt(None, "Prometheus `/metrics` over HTTP on `host` (TTFT/TPOT/ITL "
                                    "histograms, queues, KV use, KV transfers; 0 = pick a free "
                                    "port); null = off", ge=0, le=65535)
@@ -198,7 +216,7 @@ class DeployConfig:
                                     "plain vLLM server; chunk size from "
                                     "`prefill.max_num_batched_tokens`)")
     model: ModelSettings = section(ModelSettings, "the model both pools serve")
-    router: RouterConfig = section(RouterConfig, "the public gRPC router")
+    router: RouterConfig = section(RouterConfig, "the public router: gRPC and OpenAI HTTP")
     prefill: PrefillConfig = section(PrefillConfig, "the prefill pool")
     decode: DecodeConfig = section(DecodeConfig, "the decode pool")
     kv_transfer: KVTransferConfig = section(KVTransferConfig, "moving KV blocks prefill -> decode")
@@ -404,6 +422,10 @@ def _cross_check(cfg: DeployConfig) -> list[Issue]:
         out += _check_scaling(name, pool.replicas, pool.autoscaling)
         if cfg.model.max_model_len is not None:
             out += _check_capacity(name, pool.num_kv_blocks, cfg.model)
+    colocated = cfg.serving_mode == "colocated" or cfg.decode.local_prefill_max_tokens > 0
+    if colocated and cfg.decode.tensor_parallel_size > 1:
+        out.append(Issue("decode.tensor_parallel_size", "a colocated decode replica (serving_mode: "
+                         "colocated or decode.local_prefill_max_tokens > 0) runs TP 1 only; set 1"))
     if cfg.serving_mode == "colocated" and cfg.decode.autoscaling is not None:
         out.append(Issue("decode.autoscaling", "not supported with serving_mode: colocated yet; "
                          "set a fixed decode.replicas"))
@@ -437,19 +459,28 @@ def _check_capacity(name: str, num_blocks: int, model: ModelSettings) -> list[Is
                   f"tokens; need at least {need}")]
 
 
+def _check_tp(name: str, tp: int, num_heads: int, num_kv_heads: int) -> list[Issue]:
+    key = f"{name}.tensor_parallel_size"
+    if num_heads and num_heads % tp:
+        return [Issue(key, f"{tp} does not divide the model's {num_heads} attention heads")]
+    if num_kv_heads % tp and tp % num_kv_heads:
+        return [Issue(key, f"{tp} neither divides the model's {num_kv_heads} KV heads nor is a "
+                      "multiple of them (replicated KV heads)")]
+    return []
+
+
 def check_against_model(cfg: DeployConfig, num_kv_heads: int, max_pos: int,
-                        source: str = "config") -> DeployConfig:
+                        source: str = "config", num_heads: int = 0) -> DeployConfig:
     """Checks that need the model's config.json; returns cfg with `model.max_model_len` filled in.
 
-    Each pool's tensor_parallel_size must divide num_kv_heads (a rank owns whole KV heads);
-    max_model_len must not exceed max_pos; one max-length request must fit in each pool's KV.
+    Each pool's tensor_parallel_size must divide num_heads (0 = not checked), and either divide
+    num_kv_heads or be a multiple of it (then ranks hold replicated KV heads); max_model_len must
+    not exceed max_pos; one max-length request must fit in each pool's KV.
     """
     model = dataclasses.replace(cfg.model, max_model_len=cfg.model.max_model_len or max_pos)
     issues: list[Issue] = []
     for name, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
-        if num_kv_heads % pool.tensor_parallel_size:
-            issues.append(Issue(f"{name}.tensor_parallel_size", f"{pool.tensor_parallel_size} does "
-                                f"not divide the model's {num_kv_heads} KV heads"))
+        issues += _check_tp(name, pool.tensor_parallel_size, num_heads, num_kv_heads)
         issues += _check_capacity(name, pool.num_kv_blocks, model)
     if typing.cast(int, model.max_model_len) > max_pos:
         issues.insert(0, Issue("model.max_model_len", f"{model.max_model_len} exceeds the model's "

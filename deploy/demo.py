@@ -53,7 +53,8 @@ async def stream_one(stub: router_pb2_grpc.RouterStub, prompt: str, max_tokens: 
 
 async def demo(config: str | None, max_tokens: int) -> None:
     cfg = load_config(config)
-    cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, port=0))
+    http_off = dataclasses.replace(cfg.router.http, port=None)  # the demo speaks gRPC only
+    cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, port=0, http=http_off))
     cluster = Cluster(cfg)
     print("starting Ray, the prefill pool (TP=2), the decode pool and the router...", flush=True)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """The two pools as Ray Serve deployments, built from a DeployConfig.
 
-Serve owns placement (a prefill replica's TP ranks are the bundles of its placement group), health
+Serve owns placement (a replica's TP ranks, prefill or decode, are the bundles of its placement group), health
 checks, restarts, graceful drain and per-pool replica counts. Requests never cross Serve: each replica
 runs its own gRPC service and announces it to the router's registry with a protobuf heartbeat, so the
 data path is direct and pickle-free.
@@ -237,6 +237,7 @@ def decode_worker_config(cfg: DeployConfig, registry: str) -> DecodeWorkerConfig
         heartbeat_seconds=cfg.router.heartbeat_seconds, kv_backend=cfg.kv_transfer.backend,
         kv_same_host_read=cfg.kv_transfer.same_host_read,
         transfer_timeout_seconds=cfg.kv_transfer.timeout_seconds, cpu_affinity=d.cpu_affinity,
+        rank_num_cpus=d.resources.num_cpus, rank_num_gpus=d.resources.num_gpus,
     )
 
 
@@ -281,6 +282,9 @@ def build_decode_app(cfg: DeployConfig, registry: str, initial: bool = True) -> 
     """initial=False: a live update (autoscaling keeps the current replica count)."""
     d, worker = cfg.decode, decode_worker_config(cfg, registry)
     options: dict[str, Any] = {"ray_actor_options": _actor_options(d.resources)}
+    if d.tensor_parallel_size > 1:
+        options["placement_group_bundles"] = [_bundle(d.resources)] * d.tensor_parallel_size
+        options["placement_group_strategy"] = "PACK"
     version = version_of(worker, LIVE_DECODE, options)
     return DecodeDeployment.options(
         **options, **_scaling("decode", d.replicas, d.autoscaling, registry, cfg, initial),

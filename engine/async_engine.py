@@ -8,6 +8,10 @@ Lifecycle of a request:
   3. The caller iterates the stream until a StepOutput with a finish_reason arrives.
   4. `abort(request_id)` at any time frees the request's blocks; its stream ends with "abort".
 
+Waiting for the engine never polls: the engine thread sleeps on its command queue while it has no
+work, and `next_change()` gives the event loop a future that completes after the next step or abort
+(when blocks may have been computed or freed).
+
 A request the engine refuses (ValueError from add_request: bad token ids, too long) ends its stream
 with "error" and `stream.error` set; the engine keeps serving. An exception from `step()` kills the
 engine: every open stream ends with "error", `error` is set, and later calls fail at once (nothing
@@ -59,6 +63,8 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._calls: set[asyncio.Future[Any]] = set()  # call() futures not answered yet
+        self._change_waiters: list[asyncio.Future[None]] = []  # next_change() futures
+        self._waiters_lock = threading.Lock()
         self.step_delay = 0.0  # fault injection (tests, drills): seconds slept before each step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -100,6 +106,18 @@ class AsyncEngine:
             self._fail_calls()
         return await done
 
+    def next_change(self) -> asyncio.Future[None]:
+        """A future (on the caller's loop) that completes after the engine's next step or abort,
+        or at once when the engine is dead. Take it before reading the engine's state, so a
+        change between the read and the wait is not missed."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._waiters_lock:
+            if self._error is None:
+                self._change_waiters.append(fut)
+                return fut
+        fut.set_result(None)
+        return fut
+
     def open_stream(self, request_id: str) -> RequestStream:
         stream = self._open(request_id)
         self._fail_if_dead(stream)
@@ -138,6 +156,7 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             self._deliver(stream, StepOutput(request_id, [], [], "abort"))
+        self._changed()
 
     def _run(self) -> None:
         try:
@@ -149,16 +168,27 @@ class AsyncEngine:
                         self._apply_commands(block=False)  # aborts that came in meanwhile
                     for out in self.engine.step():
                         self._publish(out)
+                    self._changed()
         except BaseException as exc:  # noqa: BLE001 - a dead engine must fail its streams
-            self._error = exc
+            with self._waiters_lock:
+                self._error = exc
             for stream in list(self._streams.values()):
                 self._deliver(stream, StepOutput(stream.request_id, [], [], "error"))
             self._streams.clear()
             self._fail_calls()
+            self._changed()
+
+    def _changed(self) -> None:
+        """Completes every next_change() future taken so far."""
+        with self._waiters_lock:
+            waiters, self._change_waiters = self._change_waiters, []
+        for fut in waiters:
+            self._loop.call_soon_threadsafe(_set_result, fut, None)
 
     def _apply_commands(self, block: bool) -> None:
+        """Runs the queued commands; with block, sleeps until one comes (close() sends one)."""
         try:
-            command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+            command = self._commands.get() if block else self._commands.get_nowait()
         except queue.Empty:
             return
         command()

@@ -12,7 +12,10 @@ can serve KV pulls from every rank's cache on another thread.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,6 +28,37 @@ from engine.tp import TPInfo
 
 CMD_STOP, CMD_STEP = 0, 1
 HEADER_LEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """How a rank of a serving replica (prefill or decode) joins its TP group."""
+
+    init_method: str  # "tcp://host:port" of rank 0's rendezvous
+    world_size: int
+    cache: CacheConfig
+
+
+# Followers wait for rank 0's next step however long the replica stays idle (torch's default 30 min
+# collective timeout would end their loop in an idle cluster); rank 0 only ever waits for a step.
+FOLLOWER_TIMEOUT = timedelta(hours=24)
+RANK0_TIMEOUT = timedelta(minutes=10)
+
+
+def init_group(spec: GroupSpec, rank: int, device: str) -> TPInfo:
+    """Joins the group's default process group: gloo on CPU, NCCL on GPU."""
+    backend = "nccl" if device == "cuda" else "gloo"
+    timeout = RANK0_TIMEOUT if rank == 0 else FOLLOWER_TIMEOUT
+    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size,
+                            timeout=timeout)
+    return TPInfo(rank=rank, world_size=spec.world_size, group=dist.group.WORLD)
+
+
+def free_port(host: str) -> int:
+    """A port on host that was free a moment ago (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _broadcast(t: torch.Tensor, tp: TPInfo) -> None:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.tp import kv_heads_per_rank, tp_kv_error
+
 if TYPE_CHECKING:
     from engine.config import ModelConfig
 
@@ -45,7 +47,7 @@ class CacheConfig:
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, tp_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block on one rank (all layers, K and V, this rank's heads)."""
-    heads = cfg.num_kv_heads // tp_size
+    heads = kv_heads_per_rank(cfg.num_kv_heads, tp_size)
     elem = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * heads * block_size * cfg.head_dim * elem
 
@@ -53,16 +55,16 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int, tp_size: int, dtype: torch
 def allocate_kv(
     cfg: ModelConfig, cache: CacheConfig, tp_size: int, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
-    """The whole cache of one rank: [num_blocks, num_layers, 2, H_local, block_size, head_dim]."""
-    if cfg.num_kv_heads % tp_size != 0:
-        raise ValueError(
-            f"num_kv_heads={cfg.num_kv_heads} is not divisible by tensor_parallel_size={tp_size}"
-        )
+    """The whole cache of one rank: [num_blocks, num_layers, 2, H_local, block_size, head_dim]
+    (H_local = num_kv_heads / tp_size, or 1 replicated head when tp_size exceeds num_kv_heads)."""
+    error = tp_kv_error(cfg.num_kv_heads, tp_size)
+    if error is not None:
+        raise ValueError(error)
     shape = (
         cache.num_blocks,
         cfg.num_layers,
         2,
-        cfg.num_kv_heads // tp_size,
+        kv_heads_per_rank(cfg.num_kv_heads, tp_size),
         cache.block_size,
         cfg.head_dim,
     )

@@ -24,8 +24,9 @@ import torch.multiprocessing as mp
 from engine.config import load_config
 from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config, truncate_at_stop
 from engine.kv_cache import CacheConfig
+from engine.main_guard import GUARD_MESSAGE, check_spawn_safe
 from engine.sampling import SamplingParams
-from engine.tp import TPInfo
+from engine.tp import TPInfo, check_tp
 
 # followers wait on rank 0 between generate() calls, so their collective timeout must be long;
 # rank 0 only ever waits for a follower's current forward pass
@@ -74,6 +75,7 @@ class _TPGroup:
     def __init__(self, cfg: EngineConfig, cache: CacheConfig, world: int, host: str) -> None:
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialized in this process")
+        check_spawn_safe()
         store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
         threads = torch.get_num_threads()
@@ -117,7 +119,10 @@ def _wait_started(started: Connection, rank: int, proc: Any) -> None:
             return
         except EOFError:  # the rank closed the pipe without a word: it died
             proc.join(5)
-            raise RuntimeError(f"TP rank {rank} exited with code {proc.exitcode} at start-up") from None
+            raise RuntimeError(
+                f"TP rank {rank} exited with code {proc.exitcode} at start-up (its traceback is above; "
+                f"if it says 'bootstrapping phase': {GUARD_MESSAGE})"
+            ) from None
         finally:
             started.close()
     raise TimeoutError(f"TP rank {rank} did not start within {_START_TIMEOUT_S:.0f} s")
@@ -152,7 +157,9 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             quantization=quantization, seed=seed, device=device,
         )
-        cache = resolve_cache_config(cfg, load_config(cfg.model), tensor_parallel_size)
+        model_cfg = load_config(cfg.model)
+        check_tp(model_cfg, tensor_parallel_size)  # before any rank starts
+        cache = resolve_cache_config(cfg, model_cfg, tensor_parallel_size)
         self._group = _TPGroup(cfg, cache, tensor_parallel_size, dist_host) if tensor_parallel_size > 1 else None
         try:
             self.engine = LLMEngine(cfg, self._group.tp if self._group else None, cache)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import CheckpointError, ModelConfig
-from engine.tp import TPInfo, shard_dim
+from engine.tp import TPInfo, shard_dim, shard_range
 
 if TYPE_CHECKING:
     from engine.model import LlamaModel
@@ -101,6 +101,7 @@ class CheckpointReader:
     """Open safetensors files lazily; read (a TP slice of) one tensor at a time, shape-checked."""
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, stack: ExitStack) -> None:
+        self.cfg = cfg
         self.files = weight_files(model_dir)
         self.shapes = expected_shapes(cfg)
         self._stack = stack
@@ -130,8 +131,8 @@ class CheckpointReader:
                 )
             if tp is None or dim is None or tp.world_size == 1:
                 return piece[:]
-            size = shape[dim] // tp.world_size
-            part = slice(tp.rank * size, (tp.rank + 1) * size)
+            start, size = shard_range(name, shape[dim], self.cfg, tp)
+            part = slice(start, start + size)
             return piece[part] if dim == 0 else piece[:, part]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e})") from e

@@ -9,6 +9,7 @@ Wire: a decode rank sends a `pdserve.v1.kv_pb2.PullRequest`; the source answers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import os
@@ -23,6 +24,7 @@ import torch
 from pdserve.v1 import kv_pb2
 
 from engine.kv_cache import shared_pool
+from engine.tp import kv_heads_per_rank, tp_kv_error
 
 if TYPE_CHECKING:
     from kv_transfer.handle import KVHandle
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 MAX_REQUEST_BYTES = 1 << 20  # a PullRequest larger than this is rejected unread
 MAX_SEGMENTS = 64  # payload messages per pull
 MAX_TRACKED_STATES = 4096  # per puller; the oldest transfer states are dropped first
-STREAM_POLL_SECONDS = 0.0005  # how often a source re-checks a streamed pull's blocks
 
 
 class TransferError(RuntimeError):
@@ -48,13 +49,15 @@ class TransferState(enum.Enum):
 
 
 def check_layout(kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
-    """kv must be [num_blocks, num_layers, 2, num_kv_heads / tp_size, block_size, head_dim]."""
+    """kv must be [num_blocks, num_layers, 2, heads of the rank, block_size, head_dim] (heads of
+    the rank: num_kv_heads / tp_size, or 1 when tp_size exceeds num_kv_heads)."""
     if kv.dim() != 6 or kv.shape[2] != 2 or not kv.is_contiguous():
         raise TransferError(f"kv must be a contiguous 6-d [N, L, 2, H, B, D] tensor, got {tuple(kv.shape)}")
-    if tp_size <= 0 or not 0 <= rank < tp_size or num_kv_heads % tp_size:
+    if tp_size <= 0 or not 0 <= rank < tp_size or num_kv_heads <= 0 or tp_kv_error(num_kv_heads, tp_size):
         raise TransferError(f"bad rank {rank} / tp_size {tp_size} for {num_kv_heads} heads")
-    if kv.shape[3] != num_kv_heads // tp_size:
-        raise TransferError(f"kv has {kv.shape[3]} heads, rank of {tp_size} needs {num_kv_heads // tp_size}")
+    heads = kv_heads_per_rank(num_kv_heads, tp_size)
+    if kv.shape[3] != heads:
+        raise TransferError(f"kv has {kv.shape[3]} heads, rank of {tp_size} needs {heads}")
 
 
 @dataclass(slots=True)
@@ -109,7 +112,9 @@ class KVSource(ABC):
         self._leases: dict[str, tuple[frozenset[int], float, bytes]] = {}
         self._streams: dict[str, StreamedLease] = {}  # streamed leases: blocks computed so far
         self._fail_next = 0
-        self._lock = threading.Lock()  # torch_dist serves from threads
+        self._lock = threading.Lock()  # torch_dist serves from threads, ucx from its own loop
+        self._changed = threading.Condition(self._lock)  # a lease changed (wait_ready_blocking)
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()  # wait_ready
         self.pool = _pool()
         self.local = _local_pool(kv)  # set: pullers on this host may copy from the pool themselves
 
@@ -130,11 +135,13 @@ class KVSource(ABC):
             raise TransferError(f"lease of {request_id}: block id out of [0, {num_blocks})")
         with self._lock:
             self._leases[request_id] = (frozenset(block_ids), expiry, token)
+        self._notify()
 
     def unlease(self, request_id: str) -> None:
         with self._lock:
             self._leases.pop(request_id, None)
             self._streams.pop(request_id, None)
+        self._notify()
 
     def stream_lease(self, request_id: str, block_ids: Sequence[int], ready_blocks: int, expiry: float,
                      first_token: int | None = None, token: bytes = b"") -> None:
@@ -145,30 +152,50 @@ class KVSource(ABC):
         self.lease(request_id, block_ids, expiry, token)
         with self._lock:
             self._streams[request_id] = StreamedLease(tuple(block_ids), ready_blocks, first_token)
+        self._notify()
 
     async def wait_ready(self, data: bytes, timeout: float) -> None:
         """Returns once a by_index PullRequest's blocks are computed (or it cannot be: no lease,
-        malformed, timeout); answer() then answers or refuses it. Other requests return at once."""
+        malformed, timeout); answer() then answers or refuses it. Other requests return at once.
+        Sleeps until a lease changes (every lease call wakes the waiters), never polls."""
+        req = _by_index(data)
+        if req is None:
+            return
         deadline = time.monotonic() + timeout
-        while not self._ready_or_hopeless(data) and time.monotonic() < deadline:
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = (loop, loop.create_future())
+            with self._lock:
+                if self._ready_locked(req):
+                    return
+                self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter[1], deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                return
+            finally:
+                with self._lock:
+                    self._waiters.discard(waiter)
 
     def wait_ready_blocking(self, data: bytes, timeout: float) -> None:
         """wait_ready for backends that serve from threads."""
-        deadline = time.monotonic() + timeout
-        while not self._ready_or_hopeless(data) and time.monotonic() < deadline:
-            time.sleep(STREAM_POLL_SECONDS)
+        req = _by_index(data)
+        if req is not None:
+            with self._changed:
+                self._changed.wait_for(lambda: self._ready_locked(req), timeout)
 
-    def _ready_or_hopeless(self, data: bytes) -> bool:
-        try:
-            req = kv_pb2.PullRequest.FromString(data)
-        except Exception:  # noqa: BLE001 - answer() refuses it
-            return True
-        if not req.by_index:
-            return True
-        with self._lock:
-            stream = self._streams.get(req.request_id)
+    def _ready_locked(self, req: kv_pb2.PullRequest) -> bool:
+        stream = self._streams.get(req.request_id)
         return stream is None or max(req.block_ids, default=0) < stream.ready_blocks
+
+    def _notify(self) -> None:
+        """Wakes every wait_ready and wait_ready_blocking (they re-check their request)."""
+        with self._lock:
+            self._changed.notify_all()
+            waiters = list(self._waiters)
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(_wake, fut)
 
     def leased_blocks(self) -> int:
         """Blocks under a lease that has not expired."""
@@ -330,7 +357,8 @@ class KVPuller(ABC):
         self._start_state(rid)
         try:
             self._check_handle(handle, dst_block_ids)
-            plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads)
+            near = [s.rank for s in handle.shards if s.host_id and s.host_id == HOST_ID]
+            plans = plan_pulls(handle.tp_size, self.tp_size, self.rank, self.num_kv_heads, near)
             deadline = time.monotonic() + timeout
             coros = [self._pull_plan(handle, p, list(dst_block_ids), deadline, by_index) for p in plans]
             responses = await asyncio.wait_for(_all_or_cancel(coros), timeout)
@@ -391,6 +419,20 @@ class KVPuller(ABC):
             raise TransferError(f"{len(dst_block_ids)} destination blocks for {handle.num_blocks}")
         if any(not 0 <= b < self.kv.shape[0] for b in dst_block_ids):
             raise TransferError(f"destination block id out of [0, {self.kv.shape[0]})")
+
+
+def _by_index(data: bytes) -> kv_pb2.PullRequest | None:
+    """The request, when it is a by_index pull (the only kind that waits for blocks)."""
+    try:
+        req = kv_pb2.PullRequest.FromString(data)
+    except Exception:  # noqa: BLE001 - answer() refuses it
+        return None
+    return req if req.by_index else None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _host_id() -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from pdserve.v1 import kv_pb2
 
+from engine.tp import tp_kv_error
 from kv_transfer.base import TransferError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -36,6 +37,7 @@ class RankShard:
     rank: int
     endpoint: str  # "host:port" of that rank's KVSource
     block_ids: tuple[int, ...]  # blocks in that rank's cache, in token order
+    host_id: str = ""  # the rank's host (base.HOST_ID); "" = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,7 @@ class KVHandle:
     num_tokens: int
     block_size: int
     num_layers: int
-    num_kv_heads: int  # total (all ranks)
+    num_kv_heads: int  # the model's (rank r holds engine.tp.kv_head_range(num_kv_heads, tp_size, r))
     head_dim: int
     dtype: str  # "float32" | "bfloat16" | "float16"
     tp_size: int  # prefill TP
@@ -71,10 +73,9 @@ class KVHandle:
             raise TransferError("KVHandle.request_id is empty")
         if self.dtype not in DTYPES:
             raise TransferError(f"KVHandle.dtype {self.dtype!r} not in {sorted(DTYPES)}")
-        if self.num_kv_heads % self.tp_size:
-            raise TransferError(
-                f"num_kv_heads={self.num_kv_heads} not divisible by tp_size={self.tp_size}"
-            )
+        error = tp_kv_error(self.num_kv_heads, self.tp_size)
+        if error is not None:
+            raise TransferError(f"KVHandle: {error}")
         if len(self.lease_token) > MAX_LEASE_TOKEN_BYTES:
             raise TransferError(f"KVHandle.lease_token of {len(self.lease_token)} bytes (at most {MAX_LEASE_TOKEN_BYTES})")
         if len(self.shards) != self.tp_size:
@@ -106,7 +107,7 @@ class KVHandle:
             dtype=self.dtype,
             tp_size=self.tp_size,
             shards=[
-                kv_pb2.RankShard(rank=s.rank, endpoint=s.endpoint, block_ids=list(s.block_ids))
+                kv_pb2.RankShard(rank=s.rank, endpoint=s.endpoint, block_ids=list(s.block_ids), host_id=s.host_id)
                 for s in self.shards
             ],
             lease_expiry=self.lease_expiry,
@@ -126,7 +127,7 @@ class KVHandle:
             dtype=msg.dtype,
             tp_size=msg.tp_size,
             shards=tuple(
-                RankShard(rank=s.rank, endpoint=s.endpoint, block_ids=tuple(s.block_ids))
+                RankShard(rank=s.rank, endpoint=s.endpoint, block_ids=tuple(s.block_ids), host_id=s.host_id)
                 for s in msg.shards
             ),
             lease_expiry=msg.lease_expiry,

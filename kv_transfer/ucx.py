@@ -18,8 +18,10 @@ Same-host read (`UCXConfig.same_host_read`, default on; docs/kv_transfer.md): a 
 pool is a memfd answers a puller on its host with where to map it; the puller copies the blocks
 itself and then asks whether they stayed leased. Only control frames cross UCX.
 
-ucxx keeps one context per process: every source and puller in a process shares it (one progress
-thread per event loop); close() releases only this object's listener and endpoints.
+ucxx keeps one context per process, and pdserve one event loop for it (ucx_loop.py): every source
+and puller runs its UCX work there, whichever loop calls it, and every awaited UCX request sleeps
+until ucxx's notifier thread completes it. close() releases only this object's listener and
+endpoints.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from kv_transfer.base import (
     refuse,
 )
 from kv_transfer.payload import make_landing
+from kv_transfer.ucx_loop import on_ucx_loop
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -182,10 +185,16 @@ class UCXSource(KVSource):
         self._data_eps: dict[bytes, Any] = {}  # puller worker address -> endpoint
 
     async def start(self, host: str) -> str:
+        return await on_ucx_loop(self._start(host))
+
+    async def close(self) -> None:
+        await on_ucx_loop(self._close())
+
+    async def _start(self, host: str) -> str:
         self._listener = ucxx.create_listener(self._serve, port=self.config.port)
         return f"{host}:{self._listener.port}"
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         listener, self._listener = self._listener, None  # stops every _serve loop
         for ep in [*self._clients, *self._data_eps.values()]:
             ep.abort()  # cancels their pending receives
@@ -289,13 +298,15 @@ class UCXPuller(KVPuller):
         self.config = config or UCXConfig()
         self._eps: dict[str, Any] = {}  # source endpoint -> control endpoint
         self._locks: dict[str, asyncio.Lock] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._address: bytes | None = None  # this process's UCX worker address
         self._connecting: set[asyncio.Future[Any]] = set()  # connections given up on, still being made
         self._pools: dict[str, tuple[tuple[int, int, int], torch.Tensor]] = {}  # same-host reads: mapped pools
         self._not_local: set[str] = set()  # sources whose pool this process could not map
 
     async def close(self) -> None:
+        await on_ucx_loop(self._close())
+
+    async def _close(self) -> None:
         for endpoint in list(self._eps):
             self._drop(endpoint)
         self._locks.clear()
@@ -310,7 +321,16 @@ class UCXPuller(KVPuller):
         dst_heads: tuple[int, int],
         deadline: float,
     ) -> kv_pb2.PullResponse:
-        self._bind_loop()
+        return await on_ucx_loop(self._pull_on_loop(endpoint, request, dst_block_ids, dst_heads, deadline))
+
+    async def _pull_on_loop(
+        self,
+        endpoint: str,
+        request: kv_pb2.PullRequest,
+        dst_block_ids: list[int],
+        dst_heads: tuple[int, int],
+        deadline: float,
+    ) -> kv_pb2.PullResponse:
         async with self._locks.setdefault(endpoint, asyncio.Lock()):
             self._set_state(request.request_id, TransferState.CONNECTING)
             ep = await self._connect(endpoint, deadline)
@@ -465,12 +485,3 @@ class UCXPuller(KVPuller):
         ep = self._eps.pop(endpoint, None)
         if ep is not None:
             ep.abort()
-
-    def _bind_loop(self) -> None:
-        """Endpoints belong to the loop that made them: a new loop starts from scratch."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            for endpoint in list(self._eps):
-                self._drop(endpoint)
-            self._locks.clear()
-            self._loop = loop

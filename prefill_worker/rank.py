@@ -9,35 +9,16 @@ loop (rank 0's steps, until rank 0 stops the group). Rank 0 forwards leases as p
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from pdserve.v1 import kv_pb2
 
 from engine.cpus import pin_process
-from engine.distributed import Follower
+from engine.distributed import Follower, GroupSpec, init_group
 from engine.engine import DTYPES
-from engine.kv_cache import CacheConfig
-from engine.tp import TPInfo
 from kv_transfer import make_source
-from kv_transfer.base import KVSource
+from kv_transfer.base import HOST_ID, KVSource
 from prefill_worker.config import PrefillWorkerConfig
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSpec:
-    """How a rank joins its TP group."""
-
-    init_method: str  # "tcp://host:port" of rank 0's rendezvous
-    world_size: int
-    cache: CacheConfig
-
-
-def init_group(spec: GroupSpec, rank: int, device: str) -> TPInfo:
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size)
-    return TPInfo(rank=rank, world_size=spec.world_size, group=dist.group.WORLD)
 
 
 def encode_lease(request_id: str, block_ids: list[int], expiry: float, token: bytes) -> bytes:
@@ -65,7 +46,8 @@ class PrefillRank:
         self.source: KVSource | None = None
         self.thread: threading.Thread | None = None
 
-    async def start(self) -> str:
+    async def start(self) -> tuple[str, str]:
+        """-> (this rank's KV source endpoint, its host id)."""
         import asyncio
 
         follower = await asyncio.to_thread(self._build)
@@ -76,7 +58,7 @@ class PrefillRank:
         endpoint = await self.source.start(self.cfg.host)
         self.thread = threading.Thread(target=follower.run, name=f"tp-rank{self.rank}", daemon=True)
         self.thread.start()
-        return endpoint
+        return endpoint, HOST_ID
 
     def _build(self) -> Follower:
         tp = init_group(self.spec, self.rank, self.cfg.device)

@@ -12,7 +12,6 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import grpc
@@ -21,26 +20,15 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
 from engine.cpus import pin_process
+from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
 from kv_transfer import make_source
-from kv_transfer.base import KVSource
+from kv_transfer.base import HOST_ID, KVSource
 from prefill_worker.config import PrefillWorkerConfig
-from prefill_worker.rank import (
-    GroupSpec,
-    PrefillRank,
-    encode_lease,
-    encode_stream_lease,
-    init_group,
-)
+from prefill_worker.rank import PrefillRank, encode_lease, encode_stream_lease
 from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class PrefillReplica:
@@ -66,8 +54,10 @@ class PrefillReplica:
         source = make_source(self.cfg.kv_backend, llm.kv, 0, spec.world_size, llm.model_config.num_kv_heads)
         self.sources.append(source)
         ranks = [_local_lease(source, await source.start(self.cfg.host))]
-        for rank, (actor, endpoint) in enumerate(zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1):
-            ranks.append(_remote_lease(actor, rank, endpoint))
+        for rank, (actor, (endpoint, host)) in enumerate(
+            zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1
+        ):
+            ranks.append(_remote_lease(actor, rank, endpoint, host))
         self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.dtype)
         self.service.stream_chunk_blocks = -(-self.cfg.max_num_batched_tokens // self.cfg.block_size)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -142,10 +132,10 @@ def _local_lease(source: KVSource, endpoint: str) -> RankLease:
                            token: bytes) -> None:
         source.stream_lease(rid, blocks, ready, expiry, first, token)
 
-    return RankLease(0, endpoint, lease, unlease, stream_lease)
+    return RankLease(0, endpoint, lease, unlease, stream_lease, HOST_ID)
 
 
-def _remote_lease(actor: Any, rank: int, endpoint: str) -> RankLease:
+def _remote_lease(actor: Any, rank: int, endpoint: str, host_id: str) -> RankLease:
     async def lease(rid: str, blocks: list[int], expiry: float, token: bytes) -> None:
         await actor.lease.remote(encode_lease(rid, blocks, expiry, token))
 
@@ -156,7 +146,7 @@ def _remote_lease(actor: Any, rank: int, endpoint: str) -> RankLease:
                            token: bytes) -> None:
         await actor.stream_lease.remote(encode_stream_lease(rid, blocks, ready, expiry, token))
 
-    return RankLease(rank, endpoint, lease, unlease, stream_lease)
+    return RankLease(rank, endpoint, lease, unlease, stream_lease, host_id)
 
 
 __all__ = ["PrefillReplica", "DTYPES"]

@@ -45,6 +45,7 @@ class RankLease:
     # streamed lease (PrefillStream): request id, block table so far, ready blocks, expiry, first token,
     # lease token
     stream_lease: Callable[[str, list[int], int, float, int | None, bytes], Awaitable[None]] | None = None
+    host_id: str = ""  # the rank's host (kv_transfer.base.HOST_ID), for decode's choice of source
 
 
 # Every gRPC server of a worker: requests and answers above this size are refused (RESOURCE_EXHAUSTED)
@@ -195,7 +196,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             head_dim=cfg.head_dim,
             dtype=self.dtype,
             tp_size=len(self.ranks),
-            shards=tuple(RankShard(r.rank, r.endpoint, tuple(blocks)) for r in self.ranks),
+            shards=tuple(RankShard(r.rank, r.endpoint, tuple(blocks), r.host_id) for r in self.ranks),
             lease_expiry=expiry,
             lease_token=token,
         )

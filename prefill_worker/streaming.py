@@ -2,7 +2,7 @@
 
 Lifecycle of a request here:
   1. The prompt is submitted with hold_kv, as for Prefill.
-  2. Once per engine step (an `engine.call` runs between steps) the request's block table and
+  2. After every engine step (`next_change`; an `engine.call` runs between steps) the request's block table and
      computed tokens are read; every rank's KV source gets a *streamed lease*: the blocks so far and
      how many of them hold computed KV. The first time the request has blocks, the early event
      (early=true) carries a streamed KVHandle: no block ids, `stream_chunk_blocks` per pull.
@@ -31,9 +31,6 @@ from kv_transfer.handle import KVHandle, RankShard
 if TYPE_CHECKING:
     from prefill_worker.server import PrefillService
 
-POLL_SECONDS = 0.001  # how often the request's progress is read (at most once per engine step)
-
-
 @dataclass(frozen=True, slots=True)
 class Progress:
     """A request's KV on this replica: its block table so far and the blocks holding computed KV."""
@@ -58,7 +55,7 @@ def streamed_handle(svc: PrefillService, rid: str, num_tokens: int, expiry: floa
         request_id=rid, num_tokens=num_tokens, block_size=inner.cache_config.block_size,
         num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         dtype=svc.dtype, tp_size=len(svc.ranks),
-        shards=tuple(RankShard(r.rank, r.endpoint, ()) for r in svc.ranks), lease_expiry=expiry,
+        shards=tuple(RankShard(r.rank, r.endpoint, (), r.host_id) for r in svc.ranks), lease_expiry=expiry,
         lease_token=svc.lease_token(rid),
     )
 
@@ -97,20 +94,19 @@ async def stream_prefill(svc: PrefillService, rid: str, prompt: list[int], param
     last: Progress | None = None
     try:
         while not run.done():
-            # a pause between polls lets the engine thread leave its command loop and step
-            await asyncio.sleep(POLL_SECONDS)
+            stepped = svc.engine.next_change()
             progress = await svc.engine.call(lambda: read_progress(inner, rid))
-            if progress is None or progress == last:
-                continue
-            if expiry is None:
-                expiry = _open_lease(svc, rid, len(progress.block_ids))
-                if rid in svc.unwanted:
-                    break
-                await _update(svc, rid, progress, expiry)
-                yield early_message(svc, rid, len(prompt), expiry)
-            else:
-                await _update(svc, rid, progress, expiry)
-            last = progress
+            if progress is not None and progress != last:
+                if expiry is None:
+                    expiry = _open_lease(svc, rid, len(progress.block_ids))
+                    if rid in svc.unwanted:
+                        break
+                    await _update(svc, rid, progress, expiry)
+                    yield early_message(svc, rid, len(prompt), expiry)
+                else:
+                    await _update(svc, rid, progress, expiry)
+                last = progress
+            await asyncio.wait([stepped, run], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if rid in svc.unwanted:
             await context.abort(grpc.StatusCode.CANCELLED, f"{rid} was released before its prefill ended")
         stream, out = await run

@@ -35,6 +35,10 @@ class RouterConfig:
     tls_cert: str | None = None      # PEM certificate chain file: TLS on the public port
     tls_key: str | None = None       # PEM private key file of tls_cert
     tls_client_ca: str | None = None  # PEM CA file: clients must present a certificate it signed
+    http_port: int | None = None     # OpenAI-compatible HTTP on `host` (0 = a free port); None = off
+    model_name: str = "pdserve"      # the served model's id (HTTP `model`, GET /v1/models)
+    chat_template: str | None = None  # Jinja2 chat template (tokenizer_config.json); None = no chat
+    chat_tokens: tuple[tuple[str, str], ...] = ()  # special tokens the template sees (bos_token, ...)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_len", "block_size", "max_inflight", "default_max_tokens"):
@@ -46,6 +50,6 @@ class RouterConfig:
             raise ValueError("RouterConfig.tls_cert and tls_key must be set together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("RouterConfig.tls_client_ca needs tls_cert and tls_key")
-        for port_name in ("port", "internal_port"):
-            if not 0 <= getattr(self, port_name) <= 65535:
+        for port_name in ("port", "internal_port", "http_port"):
+            if not 0 <= (getattr(self, port_name) or 0) <= 65535:
                 raise ValueError(f"RouterConfig.{port_name} must be in 0..65535")

@@ -1,4 +1,5 @@
-"""RouterServer: the public API (Router, health, reflection) and the internal Registry, on grpc.aio.
+"""RouterServer: the public API (Router, health, reflection) and the internal Registry, on grpc.aio,
+and the OpenAI-compatible HTTP door (router/http_server.py) on `http_port`, in the same event loop.
 
 Public server (config.host:port): pdserve.v1.Router, grpc.health.v1.Health and server reflection.
 With api_keys set, Router calls need `authorization: Bearer <key>` (health and reflection stay open);
@@ -22,6 +23,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from router.admission import Admission
 from router.config import RouterConfig
 from router.flow import FlowDeps
+from router.http_server import HttpServer, server_ssl_context
 from router.observe import RequestObserver
 from router.picker import AffinityMemory
 from router.registry import Registry
@@ -54,6 +56,8 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.internal_port = 0
+        self.http_port = 0
+        self.http: HttpServer | None = None
         self._public: grpc.aio.Server | None = None
         self._internal: grpc.aio.Server | None = None
         self._serving: bool | None = None
@@ -62,6 +66,11 @@ class RouterServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the OpenAI-compatible HTTP door ("" when off)."""
+        return f"{self.config.host}:{self.http_port}" if self.http is not None else ""
 
     @property
     def internal_address(self) -> str:
@@ -95,8 +104,22 @@ class RouterServer:
         self.registry.on_change = lambda: self._spawn(self._set_health())
         await self._public.start()
         await self._internal.start()
+        if self.config.http_port is not None:
+            await self._start_http(self.config.http_port)
         self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
-        log.info("router on %s, registry on %s", self.address, self.internal_address)
+        log.info("router on %s (HTTP %s), registry on %s", self.address, self.http_address or "off",
+                 self.internal_address)
+
+    async def _start_http(self, port: int) -> None:
+        cfg = self.config
+        self.http = HttpServer(self.deps, lambda: bool(self._serving))
+        try:
+            self.http_port = await self.http.start(
+                cfg.host, port, server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+        except BaseException:
+            self.http = None
+            await self.stop(0)
+            raise
 
     @staticmethod
     def _bind(server: grpc.aio.Server, host: str, port: int,
@@ -137,6 +160,9 @@ class RouterServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls; running ones get `grace` seconds, then are cancelled."""
         await self.health.enter_graceful_shutdown()
+        self._serving = False
+        if self.http is not None:
+            await self.http.stop()
         for server in (self._public, self._internal):
             if server is not None:
                 await server.stop(grace)

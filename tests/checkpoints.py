@@ -2,7 +2,7 @@
 
     write_hf_checkpoint(path, kind) -> path      kind in KINDS
 
-Every kind: hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 1024 (>= the tokenizer's 1000),
+Every kind: hidden 64, 2 layers, 4 heads, 2 KV heads (or 1 / 4: `num_kv_heads`), vocab 1024 (>= the tokenizer's 1000),
 fp32, seeded random init, plus tokenizer.json from engine.make_model and generation_config.json.
 """
 
@@ -35,7 +35,7 @@ _COMMON: dict[str, Any] = dict(
 )
 
 
-def _hf_model(kind: str) -> Any:
+def _hf_model(kind: str, num_kv_heads: int = 2) -> Any:
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -68,16 +68,18 @@ def _hf_model(kind: str) -> Any:
     }
     if kind in classes:
         config_cls, model_cls = classes[kind]
-        return model_cls(config_cls(**_COMMON, **extra[kind]))
+        common = {**_COMMON, "num_key_value_heads": num_kv_heads}
+        return model_cls(config_cls(**common, **extra[kind]))
     raise ValueError(f"unknown checkpoint kind {kind!r}; choose from {KINDS}")
 
 
-def write_hf_checkpoint(path: Path, kind: str, seed: int = 0) -> Path:
-    """Write a tiny random `kind` checkpoint (config.json, model.safetensors, tokenizer.json)."""
+def write_hf_checkpoint(path: Path, kind: str, seed: int = 0, num_kv_heads: int = 2) -> Path:
+    """Write a tiny random `kind` checkpoint (config.json, model.safetensors, tokenizer.json);
+    num_kv_heads: 1 (MQA), 2 (GQA, the default) or 4 (MHA) of the 4 attention heads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = _hf_model(kind).to(torch.float32)
+    model = _hf_model(kind, num_kv_heads).to(torch.float32)
     with torch.no_grad():  # HF inits norms to 1 and biases to 0; make them matter
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

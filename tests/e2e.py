@@ -15,10 +15,11 @@ from deploy.config import DeployConfig, parse_config
 
 
 def small_config(model_path: str, **sections: dict[str, Any]) -> DeployConfig:
-    """A CPU config sized for tests: ephemeral router port, small pools, short heartbeats."""
+    """A CPU config sized for tests: ephemeral router port, HTTP off (`router={"http": {"port": 0}}`
+    turns it on), small pools, short heartbeats."""
     data: dict[str, Any] = {
         "model": {"path": model_path, "block_size": 8},
-        "router": {"port": 0, "heartbeat_seconds": 0.5},
+        "router": {"port": 0, "heartbeat_seconds": 0.5, "http": {"port": None}},
         "prefill": {"tensor_parallel_size": 2, "num_kv_blocks": 256, "max_num_batched_tokens": 64,
                     "resources": {"num_cpus": 0.25}},
         "decode": {"num_kv_blocks": 256, "resources": {"num_cpus": 0.25}},

@@ -267,10 +267,19 @@ def test_check_against_model() -> None:
     cfg = parse_config({"prefill": {"tensor_parallel_size": 4}}, "c.yaml")
     resolved = check_against_model(cfg, num_kv_heads=8, max_pos=4096)
     assert resolved.model.max_model_len == 4096 and resolved.prefill == cfg.prefill
+    assert check_against_model(cfg, num_kv_heads=2, max_pos=4096, num_heads=8).prefill == cfg.prefill
+    assert check_against_model(cfg, num_kv_heads=1, max_pos=4096, num_heads=4).prefill == cfg.prefill
     with pytest.raises(ConfigError) as info:
-        check_against_model(cfg, num_kv_heads=2, max_pos=4096, source="c.yaml")
+        check_against_model(cfg, num_kv_heads=6, max_pos=4096, source="c.yaml", num_heads=12)
+    assert str(info.value) == ("c.yaml: prefill.tensor_parallel_size: 4 neither divides the model's "
+                               "6 KV heads nor is a multiple of them (replicated KV heads)")
+    with pytest.raises(ConfigError) as info:
+        check_against_model(cfg, num_kv_heads=2, max_pos=4096, source="c.yaml", num_heads=6)
     assert str(info.value) == ("c.yaml: prefill.tensor_parallel_size: 4 does not divide the "
-                               "model's 2 KV heads")
+                               "model's 6 attention heads")
+    decode = parse_config({"decode": {"tensor_parallel_size": 8}}, "c.yaml")
+    with pytest.raises(ConfigError, match="c.yaml: decode.tensor_parallel_size: 8 does not divide"):
+        check_against_model(decode, num_kv_heads=2, max_pos=4096, source="c.yaml", num_heads=4)
     long = parse_config({"model": {"max_model_len": 8192}}, "c.yaml")
     with pytest.raises(ConfigError) as info:
         check_against_model(long, num_kv_heads=8, max_pos=4096, source="c.yaml")

@@ -71,6 +71,34 @@ def test_plan_pulls() -> None:
         plan_pulls(3, 1, 0, 8)
 
 
+def test_plan_pulls_replicated_heads() -> None:
+    # 2 KV heads over 4 prefill ranks: ranks 0, 1 hold head 0, ranks 2, 3 head 1
+    assert plan_pulls(4, 1, 0, 2) == [PullPlan(0, (0, 1), (0, 1)), PullPlan(2, (0, 1), (1, 2))]
+    assert plan_pulls(4, 2, 0, 2) == [PullPlan(0, (0, 1), (0, 1))]
+    assert plan_pulls(4, 2, 1, 2) == [PullPlan(3, (0, 1), (0, 1))]  # spread: not rank 2 again
+    assert plan_pulls(4, 2, 1, 2, near=[2]) == [PullPlan(2, (0, 1), (0, 1))]  # its own host first
+    assert plan_pulls(4, 1, 0, 2, near=[1, 3]) == [PullPlan(1, (0, 1), (0, 1)), PullPlan(3, (0, 1), (1, 2))]
+    # decode replicates: 1 KV head, 2 prefill ranks hold it, 4 decode ranks each pull it once
+    assert [plan_pulls(2, 4, r, 1) for r in range(4)] == [[PullPlan(r % 2, (0, 1), (0, 1))] for r in range(4)]
+    assert plan_pulls(1, 4, 3, 2) == [PullPlan(0, (1, 2), (0, 1))]
+    with pytest.raises(TransferError, match="prefill TP"):
+        plan_pulls(4, 1, 0, 6)
+
+
+@pytest.mark.parametrize("ptp,dtp,heads", [(4, 1, 2), (4, 2, 2), (2, 4, 1), (8, 2, 4), (1, 4, 2), (4, 4, 1)])
+def test_plans_with_replicated_heads_give_each_rank_its_heads(ptp: int, dtp: int, heads: int) -> None:
+    from engine.tp import kv_head_range
+
+    for rank in range(dtp):
+        got = []
+        for p in plan_pulls(ptp, dtp, rank, heads):
+            src = kv_head_range(heads, ptp, p.src_rank)
+            assert p.src_heads[1] <= len(src)
+            got += [src.start + h for h in range(*p.src_heads)]
+            assert p.dst_heads[1] - p.dst_heads[0] == p.src_heads[1] - p.src_heads[0]
+        assert got == list(kv_head_range(heads, dtp, rank))  # each head once, in order
+
+
 @pytest.mark.parametrize("ptp,dtp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 4), (4, 2), (8, 1)])
 def test_plans_cover_each_head_once(ptp: int, dtp: int) -> None:
     heads = 8
@@ -141,6 +169,31 @@ def test_fake_pull_reshards(ptp: int, dtp: int) -> None:
             assert puller.state("r1") is TransferState.DONE
             heads = slice(rank * H // dtp, (rank + 1) * H // dtp)
             assert torch.equal(puller.kv[dst_ids], full[list(ids), :, :, heads])
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ptp,dtp,heads", [(4, 2, 2), (4, 1, 2), (2, 4, 1), (1, 2, 1)])
+def test_fake_pull_replicated_heads(ptp: int, dtp: int, heads: int) -> None:
+    """Sources hold replicated heads (rank r: head r * heads // ptp); decode ranks get theirs."""
+    from engine.tp import kv_head_range
+
+    async def main() -> None:
+        reg = FakeRegistry()
+        ids = (3, 4, 9)
+        full = make_kv(16, heads, seed=7)  # [N, L, 2, heads, B, D]: what every holder of a head has
+        shards = []
+        for rank in range(ptp):
+            own = kv_head_range(heads, ptp, rank)
+            src = FakeSource(full[:, :, :, own.start : own.stop].contiguous(), rank, ptp, heads, registry=reg)
+            shards.append(RankShard(rank, await src.start("fake"), ids))
+            src.lease("r1", ids, time.time() + 60)
+        handle = dataclasses.replace(make_handle(tuple(shards), num_tokens=len(ids) * B), num_kv_heads=heads)
+        for rank in range(dtp):
+            want = kv_head_range(heads, dtp, rank)
+            puller = FakePuller(torch.zeros(16, L, 2, len(want), B, D), rank, dtp, heads, registry=reg)
+            await puller.pull(handle, [0, 5, 6], timeout=5)
+            assert torch.equal(puller.kv[[0, 5, 6]], full[list(ids), :, :, want.start : want.stop])
 
     asyncio.run(main())
 

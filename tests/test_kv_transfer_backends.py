@@ -176,27 +176,33 @@ def test_pull_tp1_to_2(cluster: Cluster) -> None:
     asyncio.run(main())
 
 
+async def _raw_ucx_exchange(endpoint: str, data: bytes, claimed: int | None) -> Any:
+    """raw_exchange over UCX; runs on the process's UCX loop (ucxx's futures live there)."""
+    import numpy as np
+    import ucxx
+
+    from kv_transfer.ucx import recv_message, send_message
+
+    host, _, port = endpoint.rpartition(":")
+    ep = await ucxx.create_endpoint(host, int(port))
+    try:
+        if claimed is None:
+            await send_message(ep, data)
+        else:
+            await ep.send(np.array([claimed], dtype="<u8"))
+        reply = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), 10)
+    finally:
+        ep.abort()
+    return kv_pb2.PullResponse.FromString(reply or b"")
+
+
 async def raw_exchange(backend: str, endpoint: str, data: bytes, claimed: int | None = None) -> Any:
     """Sends one raw request (or only a length header claiming `claimed` bytes)."""
     deadline = time.monotonic() + 10
     if backend == "ucx":
-        import ucxx
+        from kv_transfer.ucx_loop import on_ucx_loop
 
-        from kv_transfer.ucx import recv_message, send_message
-
-        host, _, port = endpoint.rpartition(":")
-        ep = await ucxx.create_endpoint(host, int(port))
-        try:
-            if claimed is None:
-                await send_message(ep, data)
-            else:
-                import numpy as np
-
-                await ep.send(np.array([claimed], dtype="<u8"))
-            reply = await asyncio.wait_for(recv_message(ep, MAX_REQUEST_BYTES), 10)
-        finally:
-            ep.abort()
-        return kv_pb2.PullResponse.FromString(reply or b"")
+        return await on_ucx_loop(_raw_ucx_exchange(endpoint, data, claimed))
     from kv_transfer.torch_dist import TorchDistPuller
 
     puller = make_puller(backend, 0, 1)

@@ -120,6 +120,21 @@ def test_tensor_parallel_2_matches_1(hf_checkpoint: Checkpoint) -> None:
     assert all(not p.is_alive() and p.exitcode == 0 for p in group.procs), [(p.is_alive(), p.exitcode) for p in group.procs]
 
 
+def test_tensor_parallel_4_replicates_kv_heads(hf_checkpoint: Checkpoint) -> None:
+    """4 ranks, 2 KV heads: each rank holds KV head rank // 2 (replicated), tokens as TP=1 and HF."""
+    path = hf_checkpoint("llama")
+    prompts = _prompts(seed=11, lens=(6, 21, 35))
+    params = SamplingParams(max_tokens=10)
+    ref = LLM(str(path), block_size=8).generate(prompts, params)
+    with LLM(str(path), block_size=8, tensor_parallel_size=4) as llm:
+        outs = llm.generate(prompts, params)
+        assert llm.engine.kv.shape[3] == 1  # one (replicated) KV head per rank
+        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    hf = [t for t, _ in _hf_greedy(path, prompts)]
+    assert [o.token_ids for o in outs] == [t[:10] for t in hf]
+
+
 def test_seeded_sampling_is_reproducible_across_batches(hf_checkpoint: Checkpoint) -> None:
     llm = LLM(str(hf_checkpoint("llama")), block_size=8)
     prompts = _prompts(seed=6, lens=(10, 20, 30))

@@ -113,6 +113,12 @@ async def _drain(call: object) -> None:
 
 async def _ucx_source(rig: Rig) -> None:
     """Raw PullRequests to the prefill rank's UCX listener: refused, and the source goes on."""
+    from kv_transfer.ucx_loop import on_ucx_loop
+
+    await on_ucx_loop(_ucx_source_on_loop(rig))
+
+
+async def _ucx_source_on_loop(rig: Rig) -> None:
     import ucxx
 
     from kv_transfer.ucx import recv_message, send_message

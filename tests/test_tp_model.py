@@ -66,3 +66,27 @@ def test_tp2_matches_tp1(tmp_path: Path) -> None:
             assert got.keys() == ref.keys()
             for key, value in ref.items():
                 torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=f"{ckpt} {key}")
+
+
+def test_tp_checks_and_replicated_kv_slices(hf_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """tp must divide the heads; the KV heads must divide tp or tp them; rank r's k/v rows are
+    KV head r * kv // tp when tp exceeds the KV heads."""
+    import dataclasses
+
+    from engine import LLM
+    from engine.config import CheckpointError, load_config
+    from engine.tp import check_tp, kv_head_range, shard_range
+
+    path = hf_checkpoint("llama")
+    with pytest.raises(CheckpointError, match="'num_attention_heads' = 4 is not divisible by tensor_parallel_size = 3"):
+        LLM(str(path), tensor_parallel_size=3)  # refused before any rank starts
+    cfg = load_config(path)  # 4 heads, 2 KV heads, head_dim 16
+    check_tp(cfg, 4)
+    with pytest.raises(CheckpointError, match="'num_key_value_heads' = 3: 2 ranks cannot share 3 KV heads"):
+        check_tp(dataclasses.replace(cfg, num_kv_heads=3, num_heads=6), 2)
+    assert [list(kv_head_range(2, 4, r)) for r in range(4)] == [[0], [0], [1], [1]]
+    assert [list(kv_head_range(8, 2, r)) for r in range(2)] == [list(range(4)), list(range(4, 8))]
+    tp = TPInfo(rank=3, world_size=4, group=None)
+    assert shard_range("layers.0.self_attn.k_proj.weight", 32, cfg, tp) == (16, 16)  # head 1
+    assert shard_range("layers.0.self_attn.q_proj.weight", 64, cfg, tp) == (48, 16)
+    assert shard_range("layers.0.mlp.down_proj.weight", 128, cfg, tp) == (96, 32)

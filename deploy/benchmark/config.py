@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 DATASETS = ("fixed", "uniform", "mixed")
+ENDPOINTS = ("grpc", "openai")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +83,11 @@ class BenchConfig:
     root_ca: str | None = None
     seed: int = 0
     progress: bool = True
+    endpoint: str = "grpc"  # "grpc": Router.Generate; "openai": POST /v1/completions (SSE)
 
     def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if self.num_requests < 1:
             raise ValueError("--num-requests must be >= 1")
         if self.warmup < 0:

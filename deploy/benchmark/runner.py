@@ -1,4 +1,5 @@
-"""The load generator: one grpc.aio channel, one task per request, every streamed message timed.
+"""The load generator: one grpc.aio channel (or one HTTP session for `--endpoint openai`,
+openai_client.py), one task per request, every streamed message timed.
 
     results = await run_bench(cfg)   # one RunResult per load, warm-up first (not recorded)
 
@@ -14,7 +15,7 @@ import asyncio
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -82,31 +83,37 @@ async def _ticker(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(max(0.0, time.perf_counter() - t - TICK_S))
 
 
-async def _stream(stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
-                  rec: RequestRecord, t0: float, timeout: float, metadata: Metadata) -> None:
-    rec.sent = time.perf_counter() - t0
-    finished = False
-    try:
-        async for msg in stub.Generate(request, timeout=timeout, metadata=metadata):
-            if msg.token_ids:
-                rec.message_times.append(time.perf_counter() - t0)
-                rec.output_tokens += len(msg.token_ids)
-            if msg.finish_reason != router_pb2.FINISH_REASON_UNSPECIFIED:
-                finished = True
-                rec.output_tokens = msg.usage.completion_tokens or rec.output_tokens
-        if not finished:
-            rec.error = "NO_FINISH_REASON"
-    except grpc.aio.AioRpcError as e:
-        rec.error = e.code().name
-    rec.done = time.perf_counter() - t0
+Send = Callable[[RequestSpec, RequestRecord, float], Awaitable[None]]  # (spec, record, t0)
 
 
-async def run_load(stub: router_pb2_grpc.RouterStub, specs: Sequence[RequestSpec], load: Load,
-                   offsets: Sequence[float], timeout: float, metadata: Metadata = None,
+def grpc_sender(stub: router_pb2_grpc.RouterStub, timeout: float, metadata: Metadata) -> Send:
+    """Streams one request through Router.Generate, timing each message with tokens."""
+
+    async def send(spec: RequestSpec, rec: RequestRecord, t0: float) -> None:
+        request = build_request(spec.prompt_ids, max_tokens=spec.max_tokens, ignore_eos=True)
+        rec.sent = time.perf_counter() - t0
+        finished = False
+        try:
+            async for msg in stub.Generate(request, timeout=timeout, metadata=metadata):
+                if msg.token_ids:
+                    rec.message_times.append(time.perf_counter() - t0)
+                    rec.output_tokens += len(msg.token_ids)
+                if msg.finish_reason != router_pb2.FINISH_REASON_UNSPECIFIED:
+                    finished = True
+                    rec.output_tokens = msg.usage.completion_tokens or rec.output_tokens
+            if not finished:
+                rec.error = "NO_FINISH_REASON"
+        except grpc.aio.AioRpcError as e:
+            rec.error = e.code().name
+        rec.done = time.perf_counter() - t0
+
+    return send
+
+
+async def run_load(send: Send, specs: Sequence[RequestSpec], load: Load, offsets: Sequence[float],
                    progress: _Progress | None = None) -> tuple[list[RequestRecord], float, ClientOverhead]:
     """Sends specs[i] at offsets[i] (at most load.concurrency in flight); returns the records,
     the run's duration (first send -> last finish) and the client's overhead."""
-    requests = [build_request(s.prompt_ids, max_tokens=s.max_tokens, ignore_eos=True) for s in specs]
     records = [RequestRecord(len(s.prompt_ids), s.max_tokens, scheduled=o, kind=s.kind)
                for s, o in zip(specs, offsets, strict=True)]
     slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
@@ -116,23 +123,23 @@ async def run_load(stub: router_pb2_grpc.RouterStub, specs: Sequence[RequestSpec
     ticker = asyncio.get_running_loop().create_task(_ticker(loop_lags, stop))
     cpu0, t0 = time.process_time(), time.perf_counter()
 
-    async def one(request: router_pb2.GenerateRequest, rec: RequestRecord) -> None:
+    async def one(spec: RequestSpec, rec: RequestRecord) -> None:
         if slots is None:
-            await _stream(stub, request, rec, t0, timeout, metadata)
+            await send(spec, rec, t0)
         else:
             async with slots:
-                await _stream(stub, request, rec, t0, timeout, metadata)
+                await send(spec, rec, t0)
         if progress is not None:
             progress.update(rec.ok)
 
     tasks = []
     loop = asyncio.get_running_loop()
-    for request, rec in zip(requests, records, strict=True):  # arrivals in order, one timer at a time
+    for spec, rec in zip(specs, records, strict=True):  # arrivals in order, one timer at a time
         delay = rec.scheduled - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
         dispatch_lags.append(max(0.0, time.perf_counter() - t0 - rec.scheduled))
-        tasks.append(loop.create_task(one(request, rec)))
+        tasks.append(loop.create_task(one(spec, rec)))
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
@@ -153,22 +160,29 @@ def _channel(cfg: BenchConfig) -> grpc.aio.Channel:
 
 
 async def run_bench(cfg: BenchConfig) -> list[RunResult]:
-    """Warm-up (not recorded), then each load in turn with fresh prompts of the same length mix."""
+    """Warm-up (not recorded), then each load in turn with fresh prompts of the same length mix,
+    through the gRPC API (`cfg.endpoint` "grpc") or the OpenAI HTTP API ("openai")."""
+    if cfg.endpoint == "openai":
+        from deploy.benchmark.openai_client import openai_sender
+
+        async with openai_sender(cfg) as send:
+            return await _run_loads(cfg, send)
     metadata: Metadata = (("authorization", f"Bearer {cfg.api_key}"),) if cfg.api_key else None
-    results = []
     async with _channel(cfg) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
-        if cfg.warmup:
-            warm = make_requests(cfg.dataset, cfg.warmup, seed_offset=0)
-            cap = Load(concurrency=cfg.loads[0].concurrency or min(cfg.warmup, 8))
-            await run_load(stub, warm, cap, [0.0] * len(warm), cfg.timeout_s, metadata,
-                           _Progress("warm-up", len(warm), cfg.progress))
-        for i, load in enumerate(cfg.loads):
-            specs = make_requests(cfg.dataset, cfg.num_requests, seed_offset=i + 1)
-            offsets = arrival_offsets(len(specs), load.rate, seed=cfg.seed + i)
-            bar = _Progress(load.label, len(specs), cfg.progress)
-            records, duration, overhead = await run_load(stub, specs, load, offsets, cfg.timeout_s,
-                                                         metadata, bar)
-            results.append(RunResult(load, summarize(records, duration, cfg.slo), records, overhead))
+        return await _run_loads(cfg, grpc_sender(router_pb2_grpc.RouterStub(channel), cfg.timeout_s, metadata))
+
+
+async def _run_loads(cfg: BenchConfig, send: Send) -> list[RunResult]:
+    if cfg.warmup:
+        warm = make_requests(cfg.dataset, cfg.warmup, seed_offset=0)
+        cap = Load(concurrency=cfg.loads[0].concurrency or min(cfg.warmup, 8))
+        await run_load(send, warm, cap, [0.0] * len(warm), _Progress("warm-up", len(warm), cfg.progress))
+    results = []
+    for i, load in enumerate(cfg.loads):
+        specs = make_requests(cfg.dataset, cfg.num_requests, seed_offset=i + 1)
+        offsets = arrival_offsets(len(specs), load.rate, seed=cfg.seed + i)
+        bar = _Progress(load.label, len(specs), cfg.progress)
+        records, duration, overhead = await run_load(send, specs, load, offsets, bar)
+        results.append(RunResult(load, summarize(records, duration, cfg.slo), records, overhead))
     return results

@@ -337,8 +337,15 @@ def finish(cfg: TrainConfig, model: LlamaForCausalLM, tok: Tokenizer, val_ids: t
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
         "pad_token": EOS, "unk_token": EOS, "model_max_length": cfg.max_positions,
-        "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+        "add_bos_token": False, "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
     log.info("saved to %s (eos id %d)", out_dir, eos_id)
+
+
+# A plain "role: content" transcript ending in "assistant:" (the model is no assistant; the
+# template lets /v1/chat/completions run on it).
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def add_legacy_config_keys(path: Path) -> None:

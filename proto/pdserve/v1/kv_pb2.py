@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\">\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"\x91\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\x12%\n\x06shards\x18\t \x03(\x0b\x32\x15.pdserve.v1.RankShard\x12\x14\n\x0clease_expiry\x18\n \x01(\x01\x12\x1b\n\x13stream_chunk_blocks\x18\x0b \x01(\r\x12\x13\n\x0blease_token\x18\x0c \x01(\x0c\"\xcb\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nhead_start\x18\x03 \x01(\r\x12\x10\n\x08head_end\x18\x04 \x01(\r\x12\x10\n\x08segments\x18\x05 \x03(\r\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x12\x15\n\rreply_address\x18\x07 \x01(\x0c\x12\x10\n\x08\x62y_index\x18\x08 \x01(\x08\x12\x13\n\x0blease_token\x18\t \x01(\x0c\x12\x12\n\nlocal_host\x18\n \x01(\t\"V\n\tLocalPool\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05inode\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\x04\x12\r\n\x05heads\x18\x05 \x01(\r\"\x1f\n\rLocalReadDone\x12\x0e\n\x06\x63opied\x18\x01 \x01(\x08\"\xa9\x01\n\x0cPullResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x12$\n\x05local\x18\x05 \x01(\x0b\x32\x15.pdserve.v1.LocalPool\x12\x17\n\x0flocal_block_ids\x18\x06 \x03(\rB\x0e\n\x0c_first_tokenb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\"O\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x0f\n\x07host_id\x18\x04 \x01(\t\"\x91\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\x12%\n\x06shards\x18\t \x03(\x0b\x32\x15.pdserve.v1.RankShard\x12\x14\n\x0clease_expiry\x18\n \x01(\x01\x12\x1b\n\x13stream_chunk_blocks\x18\x0b \x01(\r\x12\x13\n\x0blease_token\x18\x0c \x01(\x0c\"\xcb\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nhead_start\x18\x03 \x01(\r\x12\x10\n\x08head_end\x18\x04 \x01(\r\x12\x10\n\x08segments\x18\x05 \x03(\r\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x12\x15\n\rreply_address\x18\x07 \x01(\x0c\x12\x10\n\x08\x62y_index\x18\x08 \x01(\x08\x12\x13\n\x0blease_token\x18\t \x01(\x0c\x12\x12\n\nlocal_host\x18\n \x01(\t\"V\n\tLocalPool\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05inode\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\x04\x12\r\n\x05heads\x18\x05 \x01(\r\"\x1f\n\rLocalReadDone\x12\x0e\n\x06\x63opied\x18\x01 \x01(\x08\"\xa9\x01\n\x0cPullResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x12$\n\x05local\x18\x05 \x01(\x0b\x32\x15.pdserve.v1.LocalPool\x12\x17\n\x0flocal_block_ids\x18\x06 \x03(\rB\x0e\n\x0c_first_tokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKSHARD']._serialized_start=35
-  _globals['_RANKSHARD']._serialized_end=97
-  _globals['_KVHANDLE']._serialized_start=100
-  _globals['_KVHANDLE']._serialized_end=373
-  _globals['_PULLREQUEST']._serialized_start=376
-  _globals['_PULLREQUEST']._serialized_end=579
-  _globals['_LOCALPOOL']._serialized_start=581
-  _globals['_LOCALPOOL']._serialized_end=667
-  _globals['_LOCALREADDONE']._serialized_start=669
-  _globals['_LOCALREADDONE']._serialized_end=700
-  _globals['_PULLRESPONSE']._serialized_start=703
-  _globals['_PULLRESPONSE']._serialized_end=872
+  _globals['_RANKSHARD']._serialized_end=114
+  _globals['_KVHANDLE']._serialized_start=117
+  _globals['_KVHANDLE']._serialized_end=390
+  _globals['_PULLREQUEST']._serialized_start=393
+  _globals['_PULLREQUEST']._serialized_end=596
+  _globals['_LOCALPOOL']._serialized_start=598
+  _globals['_LOCALPOOL']._serialized_end=684
+  _globals['_LOCALREADDONE']._serialized_start=686
+  _globals['_LOCALREADDONE']._serialized_end=717
+  _globals['_PULLRESPONSE']._serialized_start=720
+  _globals['_PULLRESPONSE']._serialized_end=889
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankShard(_message.Message):
-    __slots__ = ("rank", "endpoint", "block_ids")
+    __slots__ = ("rank", "endpoint", "block_ids", "host_id")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     endpoint: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rank: _Optional[int] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    host_id: str
+    def __init__(self, rank: _Optional[int] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("request_id", "num_tokens", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "tp_size", "shards", "lease_expiry", "stream_chunk_blocks", "lease_token")
