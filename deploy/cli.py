@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from deploy.discovery import RouterAddress
@@ -25,6 +25,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.cluster import Cluster
     from deploy.config import load_config
 
+    _quiet_serve()
     cfg = load_config(args.config, args.set or ())
 
     async def run() -> None:
@@ -48,7 +49,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
             await cluster.stop()
 
     asyncio.run(run())
-    return 0
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown once everything is stopped: collecting the ~300k
+    objects torch, Ray and gRPC leave took 2-10 s of a Ctrl-C'd `pdserve up` on a busy 2-core box."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -87,7 +97,8 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from deploy.demo import run_demo
 
-    return run_demo(args.config, args.max_tokens)
+    _quiet_serve()
+    _exit_now(run_demo(args.config, args.max_tokens))
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -147,6 +158,12 @@ def _quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("ray", "ray.serve", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_serve() -> None:
+    """Serve's client notes (started, app ready, deleting app) at INFO: pdserve prints its own. Its
+    logger is configured when ray.serve is imported, so this runs after that import."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

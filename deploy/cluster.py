@@ -39,6 +39,7 @@ from router.server import RouterServer
 
 log = logging.getLogger(__name__)
 APPLY_POLL_SECONDS = 0.5
+UNDEPLOY_TIMEOUT_S = 180.0  # decode's drain bound (120 s) and the stops after it
 
 
 def router_config(cfg: DeployConfig, vocab_size: int, eos: tuple[int, ...]) -> RouterConfig:
@@ -115,12 +116,16 @@ class Cluster:
 
         for attempt in (1, 2):
             try:
-                ray.init(address=self.cfg.ray.address or "local", namespace=self.cfg.ray.namespace, log_to_driver=False)
+                # ERROR: the driver's start-up notes are not the user's business (a retry's "Failed to
+                # get node info", "SIGTERM handler is not set" as ray.init runs off the main thread)
+                ray.init(address=self.cfg.ray.address or "local", namespace=self.cfg.ray.namespace,
+                         log_to_driver=False, logging_level=logging.ERROR)
                 return
             except Exception as exc:
                 if attempt == 2 or self.cfg.ray.address is not None or "timed out during startup" not in str(exc):
                     raise
-                log.warning("local Ray did not start (%s); starting it again", exc)
+                log.debug("local Ray start-up timed out: %s", exc)
+                log.warning("local Ray did not register in time (a busy machine?); starting it again")
                 ray.shutdown()
 
     def _run_apps(self, cfg: DeployConfig, pools: tuple[str, ...], initial: bool) -> None:
@@ -201,13 +206,18 @@ class Cluster:
 
         if not ray.is_initialized():
             return
-        for app in (DECODE_APP, PREFILL_APP):
-            try:
-                serve.delete(app)
-            except Exception as exc:  # noqa: BLE001 - keep tearing down
-                log.warning("deleting %s: %s", app, exc)
+        apps = (DECODE_APP, PREFILL_APP)
+        try:
+            for app in apps:  # both pools drain at once: the router has stopped, no call can come
+                serve.delete(app, _blocking=False)
+            deadline = time.monotonic() + UNDEPLOY_TIMEOUT_S
+            while set(apps) & set(serve.status().applications) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except Exception as exc:  # noqa: BLE001 - keep tearing down
+            log.warning("deleting %s: %s", " and ".join(apps), exc)
         if self._started_ray:
-            serve.shutdown()
+            # Our own Ray: its Serve controller goes with it. (serve.shutdown() would make Ray log
+            # "Task ServeController.graceful_shutdown failed ... killed by ray.kill", as designed.)
             ray.shutdown()
 
 

@@ -11,8 +11,9 @@ A replica's life:
      `__init__` and on every `pdserve apply` that changes them, without a restart.
   3. `record_autoscaling_stats()`: the load the pool's policy scales on (deploy/autoscale.py).
   4. `__del__` (scale-down, redeploy, shutdown): report `draining` at once (the router stops
-     picking it), let calls already routed here arrive, wait until every call is answered and every
-     KV block is free (bounded by the drain timeout), then stop.
+     picking it), let calls already routed here arrive (not when the router has stopped: then none
+     can), wait until every call is answered and every KV block is free (bounded by the drain
+     timeout), then stop.
 
 Deployments carry an explicit version: a hash of what needs a restart (the worker config minus the
 live settings, Ray resources). Re-deploying with the same version only updates replica counts,
@@ -67,6 +68,16 @@ async def heartbeat_loop(registry_address: str, status: Callable[[], worker_pb2.
             wake.clear()
 
 
+async def router_listening(registry_address: str, status: worker_pb2.WorkerStatus, timeout: float) -> bool:
+    """One heartbeat; False when nothing listens at the registry (the router has stopped)."""
+    async with grpc.aio.insecure_channel(registry_address) as channel:
+        try:
+            await worker_pb2_grpc.RegistryStub(channel).Heartbeat(status, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() != grpc.StatusCode.UNAVAILABLE
+    return True
+
+
 class _PoolReplica:
     """Shared body of both deployments: start the worker, heartbeat, drain and stop cleanly."""
 
@@ -76,6 +87,7 @@ class _PoolReplica:
     async def _begin(self, registry: str, period: float) -> None:
         self.draining = False
         self.period = period
+        self.registry = registry
         self._wake = asyncio.Event()
         await self.replica.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -102,8 +114,8 @@ class _PoolReplica:
     async def drain(self) -> bool:
         """Stop taking work, finish what runs; True when idle before the drain timeout."""
         self.draining = True
-        self._wake.set()
-        await asyncio.sleep(DRAIN_HEARTBEATS * self.period)
+        if await router_listening(self.registry, self._status(), max(1.0, 2 * self.period)):
+            await asyncio.sleep(DRAIN_HEARTBEATS * self.period)  # a stopped router sends nothing more
         deadline = time.monotonic() + self.drain_seconds
         while not self.idle():
             if time.monotonic() > deadline:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -45,14 +46,16 @@ class RequestOutput:
 
 
 def _follower_main(
-    host: str, port: int, rank: int, world: int, cfg: EngineConfig, cache: CacheConfig, threads: int
+    host: str, port: int, rank: int, world: int, cfg: EngineConfig, cache: CacheConfig, threads: int,
+    started: Connection,
 ) -> None:
     """Entry point of a spawned TP rank."""
     from engine.distributed import run_follower
 
     torch.set_num_threads(threads)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=60))
-    store.set(f"started/{rank}", "1")
+    started.send_bytes(b"")  # reached the store: rank 0 may join the group
+    started.close()
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=_FOLLOWER_TIMEOUT)
     try:
         tp = TPInfo(rank, world, dist.group.WORLD)
@@ -76,19 +79,21 @@ class _TPGroup:
         store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
         threads = torch.get_num_threads()
+        pipes = [ctx.Pipe(duplex=False) for _ in range(1, world)]  # (rank 0's end, the rank's end)
         self.procs = [
             ctx.Process(
                 target=_follower_main,
-                args=(host, store.port, rank, world, cfg, cache, threads),
+                args=(host, store.port, rank, world, cfg, cache, threads, pipes[rank - 1][1]),
                 daemon=True,
             )
             for rank in range(1, world)
         ]
-        for p in self.procs:
+        for p, (_, sender) in zip(self.procs, pipes, strict=True):
             p.start()
+            sender.close()  # the rank holds the only writer: a rank that dies closes the pipe
         try:
-            for rank, p in enumerate(self.procs, start=1):
-                _wait_started(store, rank, p)
+            for rank, (p, (receiver, _)) in enumerate(zip(self.procs, pipes, strict=True), start=1):
+                _wait_started(receiver, rank, p)
             dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=_RANK0_TIMEOUT)
         except BaseException:
             self.close()
@@ -104,21 +109,23 @@ class _TPGroup:
             dist.destroy_process_group()
 
 
-def _wait_started(store: dist.TCPStore, rank: int, proc: Any) -> None:
-    """Wait for a spawned rank to reach the store, failing fast if its process died."""
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while True:
+def _wait_started(started: Connection, rank: int, proc: Any) -> None:
+    """Wait for a spawned rank to reach the store, failing fast if its process died. Sleeps in the
+    kernel on the rank's pipe (a TCPStore wait with a short timeout, polled, made c10d log a
+    "waitForInput ... timed out" warning every second)."""
+    if mp_connection.wait([started], _START_TIMEOUT_S):
         try:
-            store.wait([f"started/{rank}"], timedelta(seconds=1))
+            started.recv_bytes()
             return
-        except Exception:
-            if not proc.is_alive():
-                raise RuntimeError(
-                    f"TP rank {rank} exited with code {proc.exitcode} at start-up (its traceback is above; "
-                    f"if it says 'bootstrapping phase': {GUARD_MESSAGE})"
-                ) from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"TP rank {rank} did not start within {_START_TIMEOUT_S:.0f} s") from None
+        except EOFError:  # the rank closed the pipe without a word: it died
+            proc.join(5)
+            raise RuntimeError(
+                f"TP rank {rank} exited with code {proc.exitcode} at start-up (its traceback is above; "
+                f"if it says 'bootstrapping phase': {GUARD_MESSAGE})"
+            ) from None
+        finally:
+            started.close()
+    raise TimeoutError(f"TP rank {rank} did not start within {_START_TIMEOUT_S:.0f} s")
 
 
 def _shutdown(engine: LLMEngine, group: _TPGroup | None) -> None:

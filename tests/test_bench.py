@@ -157,8 +157,7 @@ def check_run(run: dict, num_requests: int) -> None:
 def test_bench_cli_against_a_router_with_null_workers(null_cluster: NullCluster, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    # "--": deploy/cli.py's REMAINDER argument does not take options first (`bench --address` fails)
-    rc = cli.main(["bench", "--", "--address", null_cluster.address, "--request-rate", "50,200",
+    rc = cli.main(["bench", "--address", null_cluster.address, "--request-rate", "50,200",
                    "--num-requests", "24", "--warmup", "4", "--dataset", "mixed", "--input-len", "40",
                    "--output-len", "30", "--short-len", "4", "--vocab", "1000", "--slo-ttft-ms", "10000",
                    "--slo-tpot-ms", "10000", "--out", str(out)])
