@@ -235,3 +235,30 @@ def test_killed_decode_rank_fails_over_and_frees_blocks(kv_checkpoint: Callable[
                     killed = True
         assert killed and tuple(got) == tuple(expected)
         _blocks_free(cl.address, within=30.0)
+
+
+@pytest.mark.slow
+def test_tp2_decode_pool_applies_autoscales_and_drains(kv_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
+    """`pdserve apply` raises a TP-2 decode pool's max_replicas under load: it grows to two TP-2
+    replicas; without load it drains back to one; no request fails and every block ends free."""
+    from deploy.apply import apply
+    from tests.test_apply import _write
+    from tests.test_autoscale import HEARTBEAT, SCALE_DOWN_WITHIN, SCALE_UP_WITHIN, Load, _wait_for
+
+    cfg = small_config(str(kv_checkpoint(2)), router={"heartbeat_seconds": HEARTBEAT},
+                       prefill={"tensor_parallel_size": 1},
+                       decode={"tensor_parallel_size": 2, "num_kv_blocks": 128, "max_num_seqs": 4,
+                               "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target": 0.5,
+                                               "upscale_delay_s": 1.0, "downscale_delay_s": 3.0}})
+    with running_cluster(cfg) as cl:
+        load = Load(cl.address, prompt_len=8, max_tokens=60, threads=6).start()
+        try:
+            path = _write(tmp_path / "new.yaml", cl.cluster.cfg, decode__autoscaling__max_replicas=2)
+            assert apply(str(path), timeout=120) == 0
+            _wait_for(cl.address, (1, 2), SCALE_UP_WITHIN, [])
+            assert [r.tp_size for r in get_status(cl.address).decode.replicas] == [2, 2]
+        finally:
+            load.stop()
+        assert not load.errors, f"{len(load.errors)} requests failed: {load.errors[:3]}"
+        _wait_for(cl.address, (1, 1), SCALE_DOWN_WITHIN + 60, [])
+        _blocks_free(cl.address, within=30.0)
