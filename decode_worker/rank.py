@@ -115,13 +115,23 @@ async def _follower_pull(rank: int, ref: Any) -> None:
 
 async def _settle(mine: asyncio.Future[Any], refs: list[Any], theirs: Sequence[asyncio.Future[None]],
                   timeout: float) -> None:
-    """Cancels every pull still running and waits (at most timeout + 5 s) for them to end."""
+    """Cancels every pull still running (rank 0's task and the followers' actor calls; a caller
+    cancelled inside gather() has already cancelled the tasks that only await those calls) and
+    waits, at most timeout + 5 s, until each has really ended."""
     import ray
 
     mine.cancel()
-    for ref, task in zip(refs, theirs, strict=True):
-        if not task.done():
-            ray.cancel(ref)
-    await asyncio.wait([mine, *theirs], timeout=timeout + 5.0)
+    for ref in refs:
+        ray.cancel(ref)  # a no-op for a call that already ended
+    ended = [asyncio.ensure_future(_ended(ref)) for ref in refs]
+    await asyncio.wait([mine, *ended], timeout=timeout + 5.0)
     for task in (mine, *theirs):
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def _ended(ref: Any) -> None:
+    """Returns once a follower's call has ended, however it ended."""
+    try:
+        await ref
+    except BaseException:  # noqa: BLE001 - only the end matters here
+        pass

@@ -123,6 +123,11 @@ class DecodeReplica:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
         return ray.remote(DecodeRank).options(**options).remote(self.cfg, rank, spec)
 
+    @property
+    def followers(self) -> list[Any]:
+        """The Ray actors of ranks 1..N-1."""
+        return self.ranks.followers
+
     def _block_bytes(self) -> int:
         """One block on every rank: all layers, K and V, each rank's heads."""
         assert self.engine is not None

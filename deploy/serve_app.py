@@ -78,6 +78,15 @@ async def router_listening(registry_address: str, status: worker_pb2.WorkerStatu
     return True
 
 
+async def check_ranks(followers: list[Any], timeout: float = 10.0) -> None:
+    """Raises when a TP follower rank's process died (Ray raises) or its step loop ended, so Serve
+    restarts the replica before a request finds out."""
+    alive = await asyncio.wait_for(asyncio.gather(*(f.alive.remote() for f in followers)), timeout)
+    stopped = [rank for rank, ok in enumerate(alive, 1) if not ok]
+    if stopped:
+        raise RuntimeError(f"TP rank(s) {stopped} stopped")
+
+
 class _PoolReplica:
     """Shared body of both deployments: start the worker, heartbeat, drain and stop cleanly."""
 
@@ -104,6 +113,7 @@ class _PoolReplica:
         engine = self.replica.engine
         if engine is None or engine.error is not None:
             raise RuntimeError(f"engine failed: {engine.error if engine else 'not started'}")
+        await check_ranks(self.replica.followers)
 
     def address(self) -> str:
         return self.replica.address

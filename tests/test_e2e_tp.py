@@ -22,7 +22,7 @@ import torch
 from pdserve.v1 import router_pb2_grpc
 
 from router.client import build_request, generate, get_status
-from router.registry import DECODE
+from router.registry import DECODE, PREFILL
 from tests.checkpoints import load_hf_model, write_hf_checkpoint
 from tests.e2e import RunningCluster, running_cluster, small_config
 
@@ -213,9 +213,9 @@ def test_killed_decode_rank_fails_over_and_frees_blocks(kv_checkpoint: Callable[
     cfg = small_config(str(path), prefill={"tensor_parallel_size": 1},
                        decode={"tensor_parallel_size": 2, "replicas": 2}, kv_transfer={"lease_seconds": 5})
     with running_cluster(cfg) as cl:
-        deadline = time.monotonic() + 120
-        while len(get_status(cl.address).decode.replicas) < 2:
-            assert time.monotonic() < deadline
+        registry, deadline = cl.cluster.router.registry, time.monotonic() + 120
+        while len(registry.ready(PREFILL)) < 1 or len(registry.ready(DECODE)) < 2:
+            assert time.monotonic() < deadline, "pools not ready"
             time.sleep(0.2)
         prompt = _prompts()[1]
         expected = generate(cl.address, prompt, max_tokens=300, ignore_eos=True, timeout=120).token_ids
@@ -226,7 +226,7 @@ def test_killed_decode_rank_fails_over_and_frees_blocks(kv_checkpoint: Callable[
                 build_request(prompt, max_tokens=300, ignore_eos=True), timeout=120)
             for message in stream:
                 got.extend(message.token_ids)
-                if not killed and len(got) > 1:
+                if not killed and len(got) > 4:  # several decode steps in: past the pull
                     serving = [r for r in cl.cluster.router.registry.ready(DECODE) if r.open_streams]
                     assert len(serving) == 1
                     victims = _follower_pids(serving[0].address)
@@ -234,4 +234,31 @@ def test_killed_decode_rank_fails_over_and_frees_blocks(kv_checkpoint: Callable[
                     os.kill(victims[0], signal.SIGKILL)
                     killed = True
         assert killed and tuple(got) == tuple(expected)
+        _blocks_free(cl.address, within=30.0)
+
+
+@pytest.mark.slow
+def test_tp2_decode_pool_applies_autoscales_and_drains(kv_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
+    """`pdserve apply` raises a TP-2 decode pool's max_replicas under load: it grows to two TP-2
+    replicas; without load it drains back to one; no request fails and every block ends free."""
+    from deploy.apply import apply
+    from tests.test_apply import _write
+    from tests.test_autoscale import HEARTBEAT, SCALE_DOWN_WITHIN, SCALE_UP_WITHIN, Load, _wait_for
+
+    cfg = small_config(str(kv_checkpoint(2)), router={"heartbeat_seconds": HEARTBEAT},
+                       prefill={"tensor_parallel_size": 1},
+                       decode={"tensor_parallel_size": 2, "num_kv_blocks": 128, "max_num_seqs": 4,
+                               "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target": 0.5,
+                                               "upscale_delay_s": 1.0, "downscale_delay_s": 3.0}})
+    with running_cluster(cfg) as cl:
+        load = Load(cl.address, prompt_len=8, max_tokens=60, threads=6).start()
+        try:
+            path = _write(tmp_path / "new.yaml", cl.cluster.cfg, decode__autoscaling__max_replicas=2)
+            assert apply(str(path), timeout=120) == 0
+            _wait_for(cl.address, (1, 2), SCALE_UP_WITHIN, [])
+            assert [r.tp_size for r in get_status(cl.address).decode.replicas] == [2, 2]
+        finally:
+            load.stop()
+        assert not load.errors, f"{len(load.errors)} requests failed: {load.errors[:3]}"
+        _wait_for(cl.address, (1, 1), SCALE_DOWN_WITHIN + 60, [])
         _blocks_free(cl.address, within=30.0)

@@ -1,0 +1,106 @@
+"""RankPulls (decode_worker/rank.py) against real Ray actors: when rank 0's pull is cancelled or any
+rank's pull fails, run() returns only after every follower's call has ended, so the caller may free
+the blocks they were writing. The actors here stand in for DecodeRank's transport only: they sleep
+where a pull would write and record how their call ended."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from decode_worker.rank import RankPulls
+from kv_transfer.base import TransferError
+from kv_transfer.handle import KVHandle, RankShard
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+class SlowRank:
+    """A follower whose pull takes `seconds` (or fails at once with fail=True)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.fail = 0.0, False
+        self.ended: str | None = None
+
+    def configure(self, seconds: float, fail: bool) -> None:
+        self.seconds, self.fail, self.ended = seconds, fail, None
+
+    async def pull(self, handle: bytes, blocks: list[int], timeout: float, first_block: int) -> None:
+        if self.fail:
+            raise TransferError("source refused")
+        try:
+            await asyncio.sleep(self.seconds)
+            self.ended = "done"
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # like UCX aborting its receives: the end takes a moment
+            self.ended = "cancelled"
+            raise
+
+    def how_ended(self) -> str | None:
+        return self.ended
+
+
+def _handle() -> KVHandle:
+    return KVHandle("r", 8, 8, 1, 2, 4, "float32", 1, (RankShard(0, "h:1", (0,)),), time.time() + 60)
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list:  # type: ignore[type-arg]
+    import ray
+
+    return [ray.remote(SlowRank).options(num_cpus=0).remote() for _ in range(2)]
+
+
+def _actors(ranks: list, *specs: tuple[float, bool]) -> list:  # type: ignore[type-arg]
+    import ray
+
+    ray.get([r.configure.remote(s, f) for r, (s, f) in zip(ranks, specs, strict=False)])
+    return ranks[: len(specs)]
+
+
+def test_cancelled_pull_waits_for_every_follower(ranks: list) -> None:  # type: ignore[type-arg]
+    import ray
+
+    followers = _actors(ranks, (30.0, False), (30.0, False))
+
+    async def main() -> float:
+        pulls = RankPulls(followers)
+        task = asyncio.ensure_future(pulls.run(asyncio.sleep(30.0), _handle(), [0], 10.0, -1))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        start = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - start
+
+    took = asyncio.run(main())
+    assert ray.get([f.how_ended.remote() for f in followers]) == ["cancelled", "cancelled"]
+    assert 0.25 < took < 10.0  # waited for the followers' ends, not for their 30 s pulls
+
+
+def test_failed_rank_cancels_the_others_and_raises_transfer_error(ranks: list) -> None:  # type: ignore[type-arg]
+    import ray
+
+    followers = _actors(ranks, (30.0, False), (0.0, True))
+
+    async def main() -> None:
+        with pytest.raises(TransferError, match="source refused"):
+            await RankPulls(followers).run(asyncio.sleep(30.0), _handle(), [0], 10.0, -1)
+
+    asyncio.run(main())
+    assert ray.get(followers[0].how_ended.remote()) == "cancelled"
+
+
+def test_all_ranks_succeed_returns_rank0_result(ranks: list) -> None:  # type: ignore[type-arg]
+    import ray
+
+    followers = _actors(ranks, (0.2, False))
+
+    async def own() -> int:
+        await asyncio.sleep(0.1)
+        return 7
+
+    assert asyncio.run(RankPulls(followers).run(own(), _handle(), [0], 10.0, 0)) == 7
+    assert ray.get(followers[0].how_ended.remote()) == "done"
