@@ -142,7 +142,15 @@ async def _open_endpoint(host: str, port: int, timeout: float) -> Any:
         return await ucxx.create_endpoint(host, port, endpoint_error_handling=True, connect_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - any failure to connect is a TransferError
         reason = f"{type(e).__name__}: {e}"
+        _drop_frames(e)  # the exception outlives this block in the future ucxx completed with it
     raise TransferError(f"cannot connect to KV source {host}:{port}: {reason}")
+
+
+def _drop_frames(error: BaseException | None) -> None:
+    """Detaches the tracebacks (and so the frames) of error and the errors it chains to."""
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__context__
 
 
 INLINE_COPY_BYTES = 16 << 20  # same-host reads up to this size (~1 ms) copy on the event loop's thread

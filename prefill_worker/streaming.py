@@ -112,13 +112,16 @@ async def stream_prefill(svc: PrefillService, rid: str, prompt: list[int], param
         stream, out = await run
         await _check_outcome(svc, rid, stream.error, out, context)
         blocks = tuple(await svc.engine.call(lambda: inner.kv_block_ids(rid)))
-        if expiry is None:  # ended before a step showed its blocks
+        early = expiry is None  # ended before a step showed its blocks (a prompt of one step)
+        if expiry is None:
             expiry = _open_lease(svc, rid, len(blocks))
-            yield early_message(svc, rid, len(prompt), expiry)
         if rid not in svc.leases:  # released meanwhile (ReleaseKV or expiry): the requester gave up
             await context.abort(grpc.StatusCode.CANCELLED, f"{rid} was released before its prefill ended")
         svc.leases[rid] = (svc.leases[rid][0], len(blocks))
+        # Every rank knows the whole lease before decode can learn the handle and pull.
         await _update(svc, rid, Progress(blocks, len(blocks)), expiry, out.token_ids[0])
+        if early:
+            yield early_message(svc, rid, len(prompt), expiry)
         yield _final(svc, rid, len(prompt), expiry, out)
     except BaseException:
         run.cancel()

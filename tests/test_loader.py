@@ -110,9 +110,13 @@ def test_index_lists_missing_shard(ckpt: Path) -> None:
     assert shards[-1].name in _error(ckpt)
 
 
-def test_tp_indivisible_heads(base: Path) -> None:
-    with pytest.raises(CheckpointError, match="num_key_value_heads"):
-        build_model(base, torch.float32, TPInfo(rank=0, world_size=4, group=None))
+def test_tp_indivisible_heads(tmp_path: Path) -> None:
+    """3 KV heads of 6 query heads cannot be split 2 ways (neither count divides the other); 4 ways of
+    2 KV heads can (replicated heads), so that checkpoint passes the check."""
+    make_model(tmp_path, "llama", "tiny")
+    _edit_config(tmp_path, num_attention_heads=6, num_key_value_heads=3, head_dim=16)
+    with pytest.raises(CheckpointError, match="num_key_value_heads' = 3: 2 ranks cannot share 3"):
+        build_model(tmp_path, torch.float32, TPInfo(rank=0, world_size=2, group=None))
 
 
 def test_config_fields(tmp_path: Path) -> None:
