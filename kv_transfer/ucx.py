@@ -153,6 +153,22 @@ def _drop_frames(error: BaseException | None) -> None:
         error = error.__context__
 
 
+async def _request(op: Awaitable[T]) -> T:
+    """Awaits one ucxx send or receive. A failed request's exception lives as long as ucxx's C++
+    request keeps its future (past the endpoint's close); raised through our frames, its traceback
+    would pin them, and the endpoint they reference, in a cycle the garbage collector cannot see.
+    So a failure is raised as a fresh exception of the same type, the original stripped of frames."""
+    try:
+        return await op
+    except Exception as e:  # noqa: BLE001 - re-raised as a copy
+        _drop_frames(e)
+        try:
+            fresh: Exception = type(e)(*e.args)
+        except Exception:  # noqa: BLE001 - a type that cannot be rebuilt from its args
+            fresh = TransferError(f"{type(e).__name__}: {e}")
+        raise fresh from None
+
+
 INLINE_COPY_BYTES = 16 << 20  # same-host reads up to this size (~1 ms) copy on the event loop's thread
 MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
@@ -162,23 +178,23 @@ async def send_message(ep: Any, data: bytes) -> None:
     """One control frame: a message of an 8-byte little-endian length and the first
     FRAME - 8 bytes, then (only if longer) a second message with the rest."""
     head = np.frombuffer(len(data).to_bytes(8, "little") + data[: FRAME - 8], dtype=np.uint8)
-    sends = [ep.send(head)]
+    sends = [_request(ep.send(head))]
     if len(data) > FRAME - 8:
-        sends.append(ep.send(np.frombuffer(data[FRAME - 8 :], dtype=np.uint8)))
+        sends.append(_request(ep.send(np.frombuffer(data[FRAME - 8 :], dtype=np.uint8))))
     await asyncio.gather(*sends)
 
 
 async def recv_message(ep: Any, limit: int) -> bytes | None:
     """Receives one control frame; None when it announces more than limit bytes (rest unread)."""
     head = np.empty(FRAME, dtype=np.uint8)
-    await ep.recv(head)
+    await _request(ep.recv(head))
     n = int.from_bytes(head[:8].tobytes(), "little")
     if n > limit:
         return None
     if n <= FRAME - 8:
         return head[8 : 8 + n].tobytes()
     rest = np.empty(n - (FRAME - 8), dtype=np.uint8)
-    await ep.recv(rest)
+    await _request(ep.recv(rest))
     return head[8:].tobytes() + rest.tobytes()
 
 
@@ -253,7 +269,7 @@ class UCXSource(KVSource):
             return True
         req = answer.request
         sends = [
-            target.send(as_buffer(t), tag=(req.tag + i) % 2**64, force_tag=True)
+            _request(target.send(as_buffer(t), tag=(req.tag + i) % 2**64, force_tag=True))
             for i, t in enumerate(answer.tensors)
         ]
         try:
@@ -401,7 +417,7 @@ class UCXPuller(KVPuller):
         return asyncio.ensure_future(
             asyncio.gather(
                 *(
-                    ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True)
+                    _request(ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True))
                     for i, buf in enumerate(landing.buffers)
                 )
             )
