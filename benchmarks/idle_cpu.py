@@ -7,6 +7,11 @@ colocated), starts `pdserve up` in a child process, sends --requests requests, w
 seconds, then sums the CPU time of every process of the cluster over --window seconds, pdserve's
 processes (router, replicas, TP ranks) apart from Ray's daemons (GCS, raylet, dashboard, Serve's
 controller and proxy). Goal: pdserve's processes together below 0.02 cores. Writes idle_cpu.json.
+
+Last, the floor under that goal, measured the same way: a Ray Serve application of the same shape
+whose code does nothing (two deployments of one replica each, one plain actor as a TP rank, and the
+driver process in the router's place). What it costs is what Ray and Serve cost before any pdserve
+code runs.
 """
 
 from __future__ import annotations
@@ -20,13 +25,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.idle import format_report, measure, pdserve_up, send_requests  # noqa: E402
+from deploy.benchmark.idle import format_report, measure, pdserve_up, send_requests, serving  # noqa: E402
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "deploy" / "examples" / "local-cpu.yaml")
 MODES = {
     "disaggregated": [EXAMPLE],
     "colocated": [EXAMPLE, "--set", "serving_mode=colocated"],
 }
+
+# The floor: Serve replicas and an actor that do nothing, in pdserve's process shape.
+FLOOR = """
+import os, signal
+import ray
+from ray import serve
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Idle:
+    async def __call__(self, request) -> str:
+        return "idle"
+
+@ray.remote(num_cpus=0)
+class Rank:
+    def pid(self) -> int:
+        return os.getpid()
+
+serve.run(Idle.options(name="prefill").bind(), name="prefill", route_prefix="/prefill")
+serve.run(Idle.options(name="decode").bind(), name="decode", route_prefix="/decode")
+rank = Rank.remote()
+ray.get(rank.pid.remote())
+print("listening on floor", flush=True)
+signal.sigwait({signal.SIGINT})
+serve.shutdown()
+ray.shutdown()
+"""
 
 
 def main() -> None:
@@ -47,6 +81,12 @@ def main() -> None:
                             report), flush=True)
         results[mode] = {"pdserve_cores": report.pdserve_cores, "ray_cores": report.ray_cores,
                          "window_s": report.window_s, "processes": [asdict(p) for p in report.processes]}
+    with serving([sys.executable, "-c", FLOOR]) as (proc, _):
+        time.sleep(args.settle)
+        report = measure(proc.pid, args.window)
+    print(format_report("floor: Ray Serve replicas and an actor that do nothing, same shape", report), flush=True)
+    results["floor"] = {"pdserve_cores": report.pdserve_cores, "ray_cores": report.ray_cores,
+                        "window_s": report.window_s, "processes": [asdict(p) for p in report.processes]}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "idle_cpu.json").write_text(json.dumps(results, indent=2) + "\n")

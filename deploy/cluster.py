@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -38,6 +39,8 @@ from router.config import RouterConfig
 from router.server import RouterServer
 
 log = logging.getLogger(__name__)
+# A local Ray start that failed for the machine's timing, not for the configuration: worth one retry.
+_RAY_START_FLAKES = re.compile(r"timed out during startup|Timed out waiting for file")
 APPLY_POLL_SECONDS = 0.5
 UNDEPLOY_TIMEOUT_S = 180.0  # decode's drain bound (120 s) and the stops after it
 
@@ -111,7 +114,8 @@ class Cluster:
 
     def _init_ray(self) -> None:
         """ray.init; a local Ray whose node did not register in time (seen right after another local
-        Ray shut down on a busy machine) is shut down and started once more."""
+        Ray shut down on a busy machine), or whose GCS did not write its port file in time (seen on
+        an idle one), is shut down and started once more."""
         import ray
 
         for attempt in (1, 2):
@@ -122,7 +126,7 @@ class Cluster:
                          log_to_driver=False, logging_level=logging.ERROR)
                 return
             except Exception as exc:
-                if attempt == 2 or self.cfg.ray.address is not None or "timed out during startup" not in str(exc):
+                if attempt == 2 or self.cfg.ray.address is not None or not _RAY_START_FLAKES.search(str(exc)):
                     raise
                 log.debug("local Ray start-up timed out: %s", exc)
                 log.warning("local Ray did not register in time (a busy machine?); starting it again")

@@ -54,3 +54,22 @@ def running_cluster(cfg: DeployConfig, timeout: float = 240.0) -> Iterator[Runni
 
 async def _make(cfg: DeployConfig) -> Cluster:
     return Cluster(cfg)
+
+
+def cancel_mid_stream(address: str, prompt: list[int] | str) -> None:
+    """Starts a long greedy generation, reads two tokens, cancels the call and checks that the
+    client sees CANCELLED (what freeing every block is then asserted after)."""
+    import grpc
+    import pytest
+    from pdserve.v1 import router_pb2_grpc
+
+    from router.client import build_request
+
+    with grpc.insecure_channel(address) as ch:
+        call = router_pb2_grpc.RouterStub(ch).Generate(build_request(prompt, max_tokens=400, ignore_eos=True))
+        next(call)
+        next(call)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.CANCELLED

@@ -24,7 +24,7 @@ from pdserve.v1 import router_pb2_grpc
 from router.client import build_request, generate, get_status
 from router.registry import DECODE, PREFILL
 from tests.checkpoints import load_hf_model, write_hf_checkpoint
-from tests.e2e import RunningCluster, running_cluster, small_config
+from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -111,14 +111,7 @@ def test_decode_tp2_of_replicated_head_matches_transformers(kv1_tp2_tp2: Running
 
 def test_cancel_and_deadline_with_tp2_decode_free_every_block(kv1_tp2_tp2: RunningCluster) -> None:
     prompt = _prompts()[3]
-    with grpc.insecure_channel(kv1_tp2_tp2.address) as ch:
-        call = router_pb2_grpc.RouterStub(ch).Generate(build_request(prompt, max_tokens=400, ignore_eos=True))
-        next(call)
-        next(call)
-        call.cancel()
-        with pytest.raises(grpc.RpcError) as err:
-            list(call)
-        assert err.value.code() == grpc.StatusCode.CANCELLED
+    cancel_mid_stream(kv1_tp2_tp2.address, prompt)
     _blocks_free(kv1_tp2_tp2.address)
     with pytest.raises(grpc.RpcError) as err:
         generate(kv1_tp2_tp2.address, prompt, max_tokens=400, ignore_eos=True, timeout=0.5)

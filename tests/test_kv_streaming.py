@@ -9,15 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from pdserve.v1 import router_pb2_grpc
 
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle, RankShard
-from router.client import build_request
-from tests.e2e import RunningCluster, running_cluster, small_config
+from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config
 from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts, _wait_free
 
 torch.set_num_threads(1)
@@ -92,13 +89,5 @@ def test_streaming_tp2_matches_transformers(streaming: RunningCluster,
 
 
 def test_streaming_cancel_frees_every_block(streaming: RunningCluster) -> None:
-    with grpc.insecure_channel(streaming.address) as ch:
-        call = router_pb2_grpc.RouterStub(ch).Generate(
-            build_request(_prompts()[7], max_tokens=400, ignore_eos=True))
-        next(call)
-        next(call)
-        call.cancel()
-        with pytest.raises(grpc.RpcError) as err:
-            list(call)
-        assert err.value.code() == grpc.StatusCode.CANCELLED
+    cancel_mid_stream(streaming.address, _prompts()[7])
     assert _wait_free(streaming.address, within=2.0) <= 2.0

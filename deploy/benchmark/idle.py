@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -106,13 +106,17 @@ def measure(root: int, window_s: float) -> IdleReport:
     return IdleReport(window_s, tuple(sorted(rows, key=lambda r: -r.cores)))
 
 
+def pdserve_up(args: Sequence[str], timeout: float = 180.0) -> AbstractContextManager[tuple[subprocess.Popen[str], str]]:
+    """`pdserve up ARGS` in a child process (see `serving`)."""
+    return serving([os.path.join(os.path.dirname(sys.executable), "pdserve"), "up", *args], timeout)
+
+
 @contextmanager
-def pdserve_up(args: Sequence[str], timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`pdserve up ARGS` in a child process: yields it and the router's address once it serves;
-    stops it with Ctrl-C (SIGINT) afterwards. A thread keeps reading its output (a full pipe would
-    block it) into `proc.lines`."""
-    exe = os.path.join(os.path.dirname(sys.executable), "pdserve")
-    proc = subprocess.Popen([exe, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def serving(cmd: Sequence[str], timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """cmd in a child process: yields it and the address it printed ("listening on ADDRESS") once
+    it serves; stops it with Ctrl-C (SIGINT) afterwards. A thread keeps reading its output (a full
+    pipe would block it) into `proc.lines`."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
     address: list[str] = []
@@ -121,7 +125,7 @@ def pdserve_up(args: Sequence[str], timeout: float = 180.0) -> Iterator[tuple[su
     proc.lines = lines  # type: ignore[attr-defined]
     try:
         if not serving.wait(timeout) or not address:
-            raise RuntimeError("pdserve up did not start serving:\n" + "".join(lines[-30:]))
+            raise RuntimeError(f"{cmd[0]} did not start serving:\n" + "".join(lines[-30:]))
         yield proc, address[0]
     finally:
         stop(proc)
