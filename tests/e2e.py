@@ -73,3 +73,31 @@ def cancel_mid_stream(address: str, prompt: list[int] | str) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(call)
         assert err.value.code() == grpc.StatusCode.CANCELLED
+
+
+def blocks_all_free(target: Any) -> bool:
+    """Every replica of both pools reports every block free and nothing leased (target: an address
+    or a router.client.Endpoint)."""
+    from router.client import get_status
+
+    status = get_status(target)
+    replicas = list(status.prefill.replicas) + list(status.decode.replicas)
+    return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
+
+
+def wait_free(target: Any, within: float, heartbeat: float = 0.5) -> float:
+    """Seconds until every block is free; the state must hold across two heartbeats (not a stale one)."""
+    import time
+
+    from router.client import get_status
+
+    start = time.monotonic()
+    while True:
+        if blocks_all_free(target):
+            freed = time.monotonic() - start
+            time.sleep(2 * heartbeat)
+            if blocks_all_free(target):
+                return freed
+        if time.monotonic() - start > within:
+            raise AssertionError(f"blocks not free after {within}s: {get_status(target)}")
+        time.sleep(0.05)

@@ -17,8 +17,8 @@ from ray import serve
 from deploy.config import ConfigError, DeployConfig, parse_config
 from deploy.serve_app import DECODE_APP
 from router.client import generate, get_status
-from tests.e2e import running_cluster, small_config
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts, _wait_free
+from tests.e2e import running_cluster, small_config, wait_free
+from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 e2e = pytest.mark.usefixtures("ray_session")
 
@@ -63,7 +63,7 @@ def test_colocated_cluster_matches_transformers_without_transfers(
         adopted = [serve.get_app_handle(DECODE_APP).local_stats.remote().result() for _ in range(8)]
         assert all(s["pulled"] == 0 for s in adopted) and any(s["adopted"] for s in adopted)
         assert serve.get_app_handle(DECODE_APP).cores.remote().result() == [[core]]
-        _wait_free(cl.address, within=2.0)
+        wait_free(cl.address, within=2.0)
 
 
 @e2e
@@ -80,7 +80,7 @@ def test_conditional_disaggregation_keeps_short_prompts_local(
         assert get_status(cl.address).decode.replicas[0].kv_pulls == 0
         assert generate(cl.address, long, max_tokens=NEW_TOKENS, timeout=60).token_ids == expected[1]
         assert _local_stats() == {"adopted": 1, "pulled": 1}
-        _wait_free(cl.address, within=2.0)
+        wait_free(cl.address, within=2.0)
         status = get_status(cl.address)
         assert status.decode.replicas[0].kv_pulls == 1
         assert [r.address for r in status.prefill.replicas] != [r.address for r in status.decode.replicas]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from router.client import get_status
-from tests.e2e import running_cluster, small_config
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts, _wait_free
+from tests.e2e import running_cluster, small_config, wait_free
+from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -24,7 +24,7 @@ def test_int8_decode_pool_completes_and_keeps_prefills_first_token(
     with running_cluster(cfg) as cl:
         got = _generate_all(cl.address, prompts)
         status = get_status(cl.address)
-        _wait_free(cl.address, within=2.0)
+        wait_free(cl.address, within=2.0)
     assert all(1 <= len(t) <= NEW_TOKENS for t in got)  # every request completed (length or EOS)
     assert [t[0] for t in got] == [t[0] for t in expected]  # the first token is prefill's, fp32
     decode, prefill = status.decode.replicas[0], status.prefill.replicas[0]

@@ -15,7 +15,13 @@ from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from router.client import build_request, generate, get_status
 from tests.checkpoints import EOS_ID, load_hf_model
-from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config
+from tests.e2e import (
+    RunningCluster,
+    cancel_mid_stream,
+    running_cluster,
+    small_config,
+    wait_free,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -44,24 +50,6 @@ def _generate_all(address: str, prompts: list[list[int]]) -> list[tuple[int, ...
         return [c.token_ids for c in done]
 
 
-def _blocks_all_free(address: str) -> bool:
-    status = get_status(address)
-    replicas = list(status.prefill.replicas) + list(status.decode.replicas)
-    return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
-
-
-def _wait_free(address: str, within: float, heartbeat: float = 0.5) -> float:
-    """Seconds until every block is free; the state must hold across two heartbeats (not a stale one)."""
-    start = time.monotonic()
-    while True:
-        if _blocks_all_free(address):
-            freed = time.monotonic() - start
-            time.sleep(2 * heartbeat)
-            if _blocks_all_free(address):
-                return freed
-        if time.monotonic() - start > within:
-            raise AssertionError(f"blocks not free after {within}s: {get_status(address)}")
-        time.sleep(0.05)
 
 
 def _wait_leased(address: str, within: float = 2.0) -> int:
@@ -90,7 +78,7 @@ def test_prefill_tp2_decode_tp1_matches_transformers(tp2: RunningCluster, llama:
     prompts = _prompts()
     expected = [tuple(t) for t in _hf_tokens(llama, prompts)]
     assert _generate_all(tp2.address, prompts) == expected
-    _wait_free(tp2.address, within=2.0)
+    wait_free(tp2.address, within=2.0)
 
 
 def test_stream_is_incremental_with_usage_and_finish_reasons(tp2: RunningCluster) -> None:
@@ -123,14 +111,14 @@ def test_stop_string_and_eos_finish_with_stop(tp2: RunningCluster) -> None:
 
 def test_cancel_mid_stream_frees_every_block_within_1s(tp2: RunningCluster) -> None:
     cancel_mid_stream(tp2.address, _prompts()[7])
-    assert _wait_free(tp2.address, within=1.0) <= 1.0
+    assert wait_free(tp2.address, within=1.0) <= 1.0
 
 
 def test_deadline_exceeded_frees_blocks(tp2: RunningCluster) -> None:
     with pytest.raises(grpc.RpcError) as err:
         generate(tp2.address, _prompts()[7], max_tokens=400, ignore_eos=True, timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_free(tp2.address, within=2.0)
+    wait_free(tp2.address, within=2.0)
 
 
 def test_lease_expires_when_decode_never_pulls(tp2: RunningCluster) -> None:
@@ -142,7 +130,7 @@ def test_lease_expires_when_decode_never_pulls(tp2: RunningCluster) -> None:
             request_id="never-pulled", prompt_token_ids=_prompts()[5], sampling=sampling), timeout=30)
     assert len(reply.kv.shards) == 2 and reply.kv.shards[0].block_ids
     assert _wait_leased(tp2.address) == len(reply.kv.shards[0].block_ids)
-    _wait_free(tp2.address, within=3.0 + 2.0)  # the lease is 3 s
+    wait_free(tp2.address, within=3.0 + 2.0)  # the lease is 3 s
 
 
 def test_injected_transfer_failure_gives_clear_status_and_frees_blocks(tp2: RunningCluster) -> None:
@@ -155,7 +143,7 @@ def test_injected_transfer_failure_gives_clear_status_and_frees_blocks(tp2: Runn
         generate(tp2.address, _prompts()[4], max_tokens=8, timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "transfer" in (err.value.details() or "").lower()
-    _wait_free(tp2.address, within=2.0)
+    wait_free(tp2.address, within=2.0)
     assert len(generate(tp2.address, _prompts()[4], max_tokens=8, timeout=60).token_ids) == 8
 
 
@@ -192,4 +180,4 @@ def test_prefill_tp1_matches_transformers(hf_checkpoint: Callable[[str], Path]) 
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert _generate_all(cl.address, prompts) == expected
-        _wait_free(cl.address, within=2.0)
+        wait_free(cl.address, within=2.0)

@@ -14,8 +14,8 @@ import torch
 
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle, RankShard
-from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts, _wait_free
+from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config, wait_free
+from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 torch.set_num_threads(1)
 L, H, B, D = 2, 4, 4, 8  # layers, kv heads, block size, head dim
@@ -85,9 +85,9 @@ def test_streaming_tp2_matches_transformers(streaming: RunningCluster,
     expected = [tuple(t) for t in _hf_tokens(hf_checkpoint("llama"), prompts)]
     assert _generate_all(streaming.address, prompts) == expected
     assert len(expected[-1]) == NEW_TOKENS or expected[-1]
-    _wait_free(streaming.address, within=2.0)
+    wait_free(streaming.address, within=2.0)
 
 
 def test_streaming_cancel_frees_every_block(streaming: RunningCluster) -> None:
     cancel_mid_stream(streaming.address, _prompts()[7])
-    assert _wait_free(streaming.address, within=2.0) <= 2.0
+    assert wait_free(streaming.address, within=2.0) <= 2.0

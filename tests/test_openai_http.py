@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ import openai
 import pytest
 
 from deploy.config import DEFAULT_MODEL_DIR
-from router.client import Endpoint, generate, generate_stream, get_status
-from tests.e2e import RunningCluster, running_cluster, small_config
+from router.client import Endpoint, generate, generate_stream
+from tests.e2e import RunningCluster, running_cluster, small_config, wait_free
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -54,24 +53,6 @@ def _grpc(cl: RunningCluster) -> Endpoint:
     return Endpoint(cl.address, KEY)
 
 
-def _blocks_free(ep: Endpoint) -> bool:
-    status = get_status(ep)
-    replicas = list(status.prefill.replicas) + list(status.decode.replicas)
-    return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
-
-
-def _wait_free(ep: Endpoint, within: float, heartbeat: float = 0.5) -> float:
-    """Seconds until every block is free; the state must hold across two heartbeats."""
-    start = time.monotonic()
-    while True:
-        if _blocks_free(ep):
-            freed = time.monotonic() - start
-            time.sleep(2 * heartbeat)
-            if _blocks_free(ep):
-                return freed
-        if time.monotonic() - start > within:
-            raise AssertionError(f"blocks not free after {within}s: {get_status(ep)}")
-        time.sleep(0.05)
 
 
 def _hf_chat_prompt(messages: list[dict[str, Any]]) -> str:
@@ -97,7 +78,7 @@ def test_completions_equal_grpc_sync(cluster: RunningCluster) -> None:
         assert got.choices[0].finish_reason == want.finish_reason
         assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
         assert got.usage.total_tokens == want.prompt_tokens + want.completion_tokens
-    _wait_free(_grpc(cluster), within=2.0)
+    wait_free(_grpc(cluster), within=2.0)
 
 
 def test_completions_stream_async_with_usage_and_logprobs(cluster: RunningCluster) -> None:
@@ -229,12 +210,12 @@ def test_overload_429_and_deadline_504(cluster: RunningCluster) -> None:
         stream.close()
     finally:
         _set_max_inflight(cluster, 256)
-    _wait_free(_grpc(cluster), within=2.0)
+    wait_free(_grpc(cluster), within=2.0)
     with pytest.raises(openai.APIStatusError) as late:
         client.completions.create(model="tiny-py", prompt=IDS, max_tokens=400, extra_body={"ignore_eos": True},
                                   extra_headers={"x-request-timeout": "0.3"})
     assert late.value.status_code == 504
-    _wait_free(_grpc(cluster), within=2.0)
+    wait_free(_grpc(cluster), within=2.0)
 
 
 def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningCluster) -> None:
@@ -245,7 +226,7 @@ def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningClust
     next(chunks)
     next(chunks)
     stream.close()  # closes the connection
-    assert _wait_free(_grpc(cluster), within=1.0) <= 1.0
+    assert wait_free(_grpc(cluster), within=1.0) <= 1.0
 
 
 def test_bench_drives_the_http_door(cluster: RunningCluster, tmp_path: Path) -> None:
