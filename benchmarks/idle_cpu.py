@@ -22,10 +22,18 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.idle import format_report, measure, pdserve_up, send_requests, serving  # noqa: E402
+from deploy.benchmark.idle import (  # noqa: E402
+    IdleReport,
+    format_report,
+    measure,
+    pdserve_up,
+    send_requests,
+    serving,
+)
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "deploy" / "examples" / "local-cpu.yaml")
 MODES = {
@@ -63,6 +71,11 @@ ray.shutdown()
 """
 
 
+def _record(report: IdleReport) -> dict[str, Any]:
+    return {"pdserve_cores": report.pdserve_cores, "ray_cores": report.ray_cores,
+            "window_s": report.window_s, "processes": [asdict(p) for p in report.processes]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20)
@@ -79,14 +92,12 @@ def main() -> None:
             report = measure(proc.pid, args.window)
         print(format_report(f"{mode} ({args.requests} requests, {tokens} tokens, then {args.settle:.0f} s)",
                             report), flush=True)
-        results[mode] = {"pdserve_cores": report.pdserve_cores, "ray_cores": report.ray_cores,
-                         "window_s": report.window_s, "processes": [asdict(p) for p in report.processes]}
+        results[mode] = _record(report)
     with serving([sys.executable, "-c", FLOOR]) as (proc, _):
         time.sleep(args.settle)
         report = measure(proc.pid, args.window)
     print(format_report("floor: Ray Serve replicas and an actor that do nothing, same shape", report), flush=True)
-    results["floor"] = {"pdserve_cores": report.pdserve_cores, "ray_cores": report.ray_cores,
-                        "window_s": report.window_s, "processes": [asdict(p) for p in report.processes]}
+    results["floor"] = _record(report)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "idle_cpu.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -96,8 +96,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prefill-tp", type=int, default=1)
     parser.add_argument("--port", type=int, default=50072)
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: the embedded default model)")
-    parser.add_argument("--small", action="store_true", help="a random SmolLM-135M-shaped checkpoint")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", default=None, help="checkpoint dir (default: the embedded default model)")
+    model.add_argument("--small", action="store_true", help="a random SmolLM-135M-shaped checkpoint")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

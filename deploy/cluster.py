@@ -129,7 +129,7 @@ class Cluster:
                 if attempt == 2 or self.cfg.ray.address is not None or not _RAY_START_FLAKES.search(str(exc)):
                     raise
                 log.debug("local Ray start-up timed out: %s", exc)
-                log.warning("local Ray did not register in time (a busy machine?); starting it again")
+                log.warning("local Ray did not start in time (a busy machine?); starting it again")
                 ray.shutdown()
 
     def _run_apps(self, cfg: DeployConfig, pools: tuple[str, ...], initial: bool) -> None:

@@ -1,17 +1,25 @@
 """Helpers for end-to-end tests: one shared Ray session, real clusters (router + Serve pools + UCX).
 
     with running_cluster(cfg) as cl: ...      # cl.address is the router's "host:port"
+    cancel_mid_stream(address, prompt)         # two tokens, then cancel: CANCELLED
+    wait_free(address, within)                 # every block of both pools free (and staying free)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import grpc
+import pytest
+from pdserve.v1 import router_pb2_grpc
+
 from deploy.cluster import Cluster, LoopThread
 from deploy.config import DeployConfig, parse_config
+from router.client import build_request, get_status
 
 
 def small_config(model_path: str, **sections: dict[str, Any]) -> DeployConfig:
@@ -59,12 +67,6 @@ async def _make(cfg: DeployConfig) -> Cluster:
 def cancel_mid_stream(address: str, prompt: list[int] | str) -> None:
     """Starts a long greedy generation, reads two tokens, cancels the call and checks that the
     client sees CANCELLED (what freeing every block is then asserted after)."""
-    import grpc
-    import pytest
-    from pdserve.v1 import router_pb2_grpc
-
-    from router.client import build_request
-
     with grpc.insecure_channel(address) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(build_request(prompt, max_tokens=400, ignore_eos=True))
         next(call)
@@ -78,8 +80,6 @@ def cancel_mid_stream(address: str, prompt: list[int] | str) -> None:
 def blocks_all_free(target: Any) -> bool:
     """Every replica of both pools reports every block free and nothing leased (target: an address
     or a router.client.Endpoint)."""
-    from router.client import get_status
-
     status = get_status(target)
     replicas = list(status.prefill.replicas) + list(status.decode.replicas)
     return all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas)
@@ -87,10 +87,6 @@ def blocks_all_free(target: Any) -> bool:
 
 def wait_free(target: Any, within: float, heartbeat: float = 0.5) -> float:
     """Seconds until every block is free; the state must hold across two heartbeats (not a stale one)."""
-    import time
-
-    from router.client import get_status
-
     start = time.monotonic()
     while True:
         if blocks_all_free(target):

@@ -24,7 +24,7 @@ from pdserve.v1 import router_pb2_grpc
 from router.client import build_request, generate, get_status
 from router.registry import DECODE, PREFILL
 from tests.checkpoints import load_hf_model, write_hf_checkpoint
-from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config
+from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config, wait_free
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -68,23 +68,6 @@ def _config(path: Path, prefill_tp: int, decode_tp: int, kv: dict[str, object] |
                         kv_transfer={"lease_seconds": 5, **(kv or {})})
 
 
-def _blocks_free(address: str, within: float = 10.0) -> None:
-    """Every replica (decode: rank 0's allocator, which owns the block ids of every rank) has every
-    block free and nothing leased, across two heartbeats."""
-    deadline = time.monotonic() + within
-    seen = 0
-    while seen < 2:
-        st = get_status(address)
-        replicas = list(st.prefill.replicas) + list(st.decode.replicas)
-        if all(r.kv_blocks_free == r.kv_blocks_total and r.kv_blocks_leased == 0 for r in replicas):
-            seen += 1
-            time.sleep(0.6)
-            continue
-        seen = 0
-        assert time.monotonic() < deadline, f"blocks not free: {st}"
-        time.sleep(0.1)
-
-
 def _check_tp_sizes(address: str, prefill_tp: int, decode_tp: int) -> None:
     st = get_status(address)
     assert [r.tp_size for r in st.prefill.replicas] == [prefill_tp]
@@ -95,7 +78,7 @@ def _greedy_matches(cl: RunningCluster, path: Path, prefill_tp: int, decode_tp: 
     _check_tp_sizes(cl.address, prefill_tp, decode_tp)
     got = [generate(cl.address, p, max_tokens=NEW_TOKENS, timeout=120).token_ids for p in _prompts()]
     assert got == _hf_tokens(path)
-    _blocks_free(cl.address)
+    wait_free(cl.address, within=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +95,11 @@ def test_decode_tp2_of_replicated_head_matches_transformers(kv1_tp2_tp2: Running
 def test_cancel_and_deadline_with_tp2_decode_free_every_block(kv1_tp2_tp2: RunningCluster) -> None:
     prompt = _prompts()[3]
     cancel_mid_stream(kv1_tp2_tp2.address, prompt)
-    _blocks_free(kv1_tp2_tp2.address)
+    wait_free(kv1_tp2_tp2.address, within=10.0)
     with pytest.raises(grpc.RpcError) as err:
         generate(kv1_tp2_tp2.address, prompt, max_tokens=400, ignore_eos=True, timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _blocks_free(kv1_tp2_tp2.address)
+    wait_free(kv1_tp2_tp2.address, within=10.0)
 
 
 MATRIX = [(kv, p, d) for kv in (1, 2, 4) for p, d in ((1, 2), (2, 2), (2, 1), (4, 2)) if (kv, p, d) != (1, 2, 2)]
@@ -150,7 +133,7 @@ def test_int8_decode_tp2_keeps_first_token_and_completes(kv_checkpoint: Callable
             done = generate(cl.address, prompt, max_tokens=NEW_TOKENS, ignore_eos=True, timeout=120)
             assert done.token_ids[0] == ref[0]
             assert len(done.token_ids) == NEW_TOKENS and done.finish_reason == "length"
-        _blocks_free(cl.address)
+        wait_free(cl.address, within=10.0)
 
 
 def _tcp_pairs() -> dict[str, tuple[int, int]]:
@@ -227,7 +210,7 @@ def test_killed_decode_rank_fails_over_and_frees_blocks(kv_checkpoint: Callable[
                     os.kill(victims[0], signal.SIGKILL)
                     killed = True
         assert killed and tuple(got) == tuple(expected)
-        _blocks_free(cl.address, within=30.0)
+        wait_free(cl.address, within=30.0)
 
 
 @pytest.mark.slow
@@ -254,4 +237,4 @@ def test_tp2_decode_pool_applies_autoscales_and_drains(kv_checkpoint: Callable[[
             load.stop()
         assert not load.errors, f"{len(load.errors)} requests failed: {load.errors[:3]}"
         _wait_for(cl.address, (1, 1), SCALE_DOWN_WITHIN + 60, [])
-        _blocks_free(cl.address, within=30.0)
+        wait_free(cl.address, within=30.0)
