@@ -19,8 +19,8 @@ pool is a memfd answers a puller on its host with where to map it; the puller co
 itself and then asks whether they stayed leased. Only control frames cross UCX.
 
 ucxx keeps one context per process, and pdserve one event loop for it (ucx_loop.py): every source
-and puller runs its UCX work there, whichever loop calls it, and every awaited UCX request sleeps
-until ucxx's notifier thread completes it. close() releases only this object's listener and
+and puller runs its UCX work there, whichever loop calls it; that loop progresses UCX when the
+worker's epoll descriptor wakes it, so an awaited request sleeps in the kernel. close() releases only this object's listener and
 endpoints.
 """
 
@@ -45,6 +45,7 @@ import torch
 import ucxx
 from pdserve.v1 import kv_pb2
 
+from kv_transfer import ucx_loop
 from kv_transfer.base import (
     HOST_ID,
     MAX_REQUEST_BYTES,
@@ -154,10 +155,10 @@ def _drop_frames(error: BaseException | None) -> None:
 
 
 async def _request(op: Awaitable[T]) -> T:
-    """Awaits one ucxx send or receive. A failed request's exception lives as long as ucxx's C++
-    request keeps its future (past the endpoint's close); raised through our frames, its traceback
-    would pin them, and the endpoint they reference, in a cycle the garbage collector cannot see.
-    So a failure is raised as a fresh exception of the same type, the original stripped of frames."""
+    """Awaits one ucxx send or receive. A failed request's exception holds, through its traceback,
+    the frames that completed it and so the ucxx request and its endpoint; kept by whoever keeps
+    the exception, they would outlive the connection's close. So a failure is raised as a fresh
+    exception of the same type, the original stripped of frames."""
     try:
         return await op
     except Exception as e:  # noqa: BLE001 - re-raised as a copy
@@ -178,23 +179,24 @@ async def send_message(ep: Any, data: bytes) -> None:
     """One control frame: a message of an 8-byte little-endian length and the first
     FRAME - 8 bytes, then (only if longer) a second message with the rest."""
     head = np.frombuffer(len(data).to_bytes(8, "little") + data[: FRAME - 8], dtype=np.uint8)
-    sends = [_request(ep.send(head))]
+    sends = [_request(ucx_loop.send(ep, head))]
     if len(data) > FRAME - 8:
-        sends.append(_request(ep.send(np.frombuffer(data[FRAME - 8 :], dtype=np.uint8))))
+        sends.append(_request(ucx_loop.send(ep, np.frombuffer(data[FRAME - 8 :], dtype=np.uint8))))
     await asyncio.gather(*sends)
 
 
-async def recv_message(ep: Any, limit: int) -> bytes | None:
-    """Receives one control frame; None when it announces more than limit bytes (rest unread)."""
+async def recv_message(ep: Any, limit: int, idle: bool = False) -> bytes | None:
+    """Receives one control frame; None when it announces more than limit bytes (rest unread).
+    idle: the frame is a peer's next request, which may never come."""
     head = np.empty(FRAME, dtype=np.uint8)
-    await _request(ep.recv(head))
+    await _request(ucx_loop.recv(ep, head, idle=idle))
     n = int.from_bytes(head[:8].tobytes(), "little")
     if n > limit:
         return None
     if n <= FRAME - 8:
         return head[8 : 8 + n].tobytes()
     rest = np.empty(n - (FRAME - 8), dtype=np.uint8)
-    await _request(ep.recv(rest))
+    await _request(ucx_loop.recv(ep, rest))
     return head[8:].tobytes() + rest.tobytes()
 
 
@@ -246,7 +248,7 @@ class UCXSource(KVSource):
 
     async def _serve_one(self, ep: Any) -> bool:
         try:
-            data = await recv_message(ep, MAX_REQUEST_BYTES)
+            data = await recv_message(ep, MAX_REQUEST_BYTES, idle=True)
         except ucxx.exceptions.UCXMessageTruncatedError:
             data = None
         if data is None:  # oversized: refuse, then drop the connection (the rest is unread)
@@ -269,7 +271,7 @@ class UCXSource(KVSource):
             return True
         req = answer.request
         sends = [
-            _request(target.send(as_buffer(t), tag=(req.tag + i) % 2**64, force_tag=True))
+            _request(ucx_loop.send(target, as_buffer(t), (req.tag + i) % 2**64))
             for i, t in enumerate(answer.tensors)
         ]
         try:
@@ -417,7 +419,7 @@ class UCXPuller(KVPuller):
         return asyncio.ensure_future(
             asyncio.gather(
                 *(
-                    _request(ep.recv(as_buffer(buf), tag=(request.tag + i) % 2**64, force_tag=True))
+                    _request(ucx_loop.recv(ep, as_buffer(buf), (request.tag + i) % 2**64))
                     for i, buf in enumerate(landing.buffers)
                 )
             )

@@ -1,34 +1,42 @@
-"""The process's UCX loop: one thread whose asyncio loop owns every ucxx object of the process.
+"""The process's UCX loop: one thread whose asyncio loop owns every ucxx object of the process and
+progresses UCX itself, so a UCX message costs one thread wake-up and nothing waits by spinning.
 
-Why a loop of its own: ucxx completes an awaited request in one of two ways. By default a Python
-loop polls the request (`wait_yield`: check, `sleep(0)`, check...), which keeps the event loop at
-100% of a core for as long as anything waits, an idle source's receive included. With Python
-futures on, a notifier thread sleeps in the kernel until UCX reports completions and then sets the
-request's future, so a waiting request costs nothing. But those futures belong to the loop ucxx was
-initialised on, and ucxx keeps one context per process. So pdserve initialises ucxx once per
-process, on this loop, and runs every UCX coroutine here; callers on any other loop (a Serve
-replica's, a test's `asyncio.run`) hand the coroutine over with `on_ucx_loop` and await its end:
-one thread hop per call (tens of microseconds), not per message.
+ucxx offers two ways to complete an awaited request and both cost here. By default a Python loop
+polls the request (`wait_yield`: check, `sleep(0)`, check...), which keeps the event loop at 100%
+of a core for as long as anything waits, an idle source's receive included. With Python futures
+on, UCX's progress thread wakes ucxx's notifier thread, which schedules a coroutine on the loop
+and waits for it: three wake-ups per message, ~450 us per control round trip on a 2-core VM.
 
-ucxx's progress thread sleeps in epoll with a timeout (`EPOLL_TIMEOUT_MS`): the timeout only bounds
-how late a completion that raised no event is noticed, so it is a trade of idle wake-ups against
-that rare latency (see docs/benchmarks.md, "Idle CPU").
+pdserve does neither. `UCXProgress` registers the UCX worker's epoll descriptor with this loop: when
+UCX has an event the loop wakes, progresses the worker, completes the asyncio future of every
+request UCX finished, and re-arms the worker before it sleeps again. Requests are posted from this
+thread (no delayed submission, no progress thread), so a round trip of a control message is ~110
+us (benchmarks/ucx_rtt.py). Every UCX coroutine of the process runs here; callers on any other
+loop (a Serve replica's, a test's `asyncio.run`) hand it over with `on_ucx_loop`: one thread hop
+per call, not per message. ucxx's own awaits (the connection handshake, closing) still use
+`wait_yield` for the milliseconds they last, progressed by the same descriptor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import ucxx
+from ucxx._lib.arr import Array
+from ucxx._lib_async import application_context
+from ucxx.types import Tag, TagMaskFull
 
 T = TypeVar("T")
 
-EPOLL_TIMEOUT_MS = int(os.environ.get("PDSERVE_UCX_EPOLL_TIMEOUT_MS", "20"))
+# Progress at least this often while a transfer is in flight, in case a transport completes
+# something without raising an event (the bound the progress thread's epoll timeout used to set);
+# while only receives that wait for a peer's next request are pending, once a second.
+BUSY_PROGRESS_S = 0.02
+IDLE_PROGRESS_S = 1.0
 
 
 class _UCXLoop:
@@ -62,12 +70,109 @@ def _start() -> asyncio.AbstractEventLoop:
 
 
 async def _init_ucx() -> None:
-    """On the UCX loop: ucxx binds its notifier thread to the loop that is current here. Its
-    progress thread (started with a 1 ms epoll timeout) is restarted with ours."""
-    ucxx.init(progress_mode="thread", enable_python_future=True)
-    worker = ucxx.core._get_ctx().worker
-    worker.stop_progress_thread()
-    worker.start_progress_thread(polling_mode=False, epoll_timeout=EPOLL_TIMEOUT_MS)
+    """On the UCX loop: ucxx in blocking mode, progressed by this loop (`UCXProgress`), which ucxx
+    then treats as the loop's progress task instead of starting its own."""
+    ucxx.init(progress_mode="blocking", enable_delayed_submission=False, enable_python_future=False)
+    loop = asyncio.get_running_loop()
+    progress = UCXProgress(ucxx.core._get_ctx().worker, loop)
+    application_context.ProgressTasks[loop] = progress
+    _PROGRESS.append(progress)
+
+
+_PROGRESS: list[UCXProgress] = []  # the process's one UCXProgress, once ucx_loop() started it
+
+
+class UCXProgress:
+    """Progresses the UCX worker when its epoll descriptor reports an event and completes the
+    futures of the requests it finished. Only the UCX loop's thread calls it."""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._worker = worker
+        self._loop = loop
+        self._pending: dict[int, tuple[Any, asyncio.Future[None], bool]] = {}
+        self._kicked = False
+        self._tick_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        worker.init_blocking_progress_mode()
+        loop.add_reader(worker.epoll_file_descriptor, self._drain)
+
+    def watch(self, request: Any, idle: bool = False) -> asyncio.Future[None]:
+        """A future that completes (or fails with the request's error) when request does. idle:
+        a receive that waits for a peer's next request, which may never come."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._pending[id(request)] = (request, done, idle)
+        self.kick()
+        return done
+
+    def kick(self) -> None:
+        """Progress soon: a request just posted may need it before UCX raises an event."""
+        if not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._kicked = False
+        while True:
+            while self._worker.progress_once():
+                pass
+            self._complete()
+            if self._worker.arm():  # nothing left to progress: the next event wakes the loop
+                self._schedule_tick()
+                return
+
+    def _complete(self) -> None:
+        finished = [key for key, (request, _, _) in self._pending.items() if request.completed]
+        for key in finished:
+            request, done, _ = self._pending.pop(key)
+            if done.done():
+                continue
+            try:
+                request.check_error()
+            except Exception as e:  # noqa: BLE001 - the request's failure is its waiter's
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+    def _schedule_tick(self) -> None:
+        if not self._pending:
+            return
+        busy = any(not idle for _, _, idle in self._pending.values())
+        at = self._loop.time() + (BUSY_PROGRESS_S if busy else IDLE_PROGRESS_S)
+        if self._timer is None or at < self._tick_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._tick_at, self._timer = at, self._loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._drain()
+
+
+def _progress() -> UCXProgress:
+    ucx_loop()
+    return _PROGRESS[0]
+
+
+async def send(ep: Any, buffer: Any, tag: int | None = None) -> None:
+    """Sends buffer on ep (a ucxx Endpoint) with exactly this tag, or with the endpoint's own
+    message tag, agreed with its peer when it connected. Runs on the UCX loop."""
+    _check_open(ep)
+    tag = ep._tags["msg_send"] if tag is None else tag
+    await _progress().watch(ep._ep.tag_send(Array(buffer), Tag(tag)))
+
+
+async def recv(ep: Any, buffer: Any, tag: int | None = None, idle: bool = False) -> None:
+    """Receives the message tagged tag (default: the endpoint's own) on ep into buffer. idle: it
+    waits for a peer's next request (see UCXProgress.watch)."""
+    _check_open(ep)
+    tag = ep._tags["msg_recv"] if tag is None else tag
+    await _progress().watch(ep._ep.tag_recv(Array(buffer), Tag(tag), TagMaskFull), idle)
+
+
+def _check_open(ep: Any) -> None:
+    if ep.closed or ep._ep is None:
+        raise ucxx.exceptions.UCXCloseError("Endpoint closed")
+    ep._ep.raise_on_error()
 
 
 async def on_ucx_loop(coro: Coroutine[Any, Any, T]) -> T:
