@@ -3,8 +3,8 @@
 
     python benchmarks/ucx_rtt.py [--round-trips 500] [--hop]
 
-Two processes on this host, each with pdserve's UCX loop (kv_transfer.ucx_loop: ucxx with
-notifier-thread futures, progress thread sleeping in epoll). The client sends a 100-byte control
+Two processes on this host, each with pdserve's UCX loop (kv_transfer.ucx_loop: the loop sleeps
+in epoll on the UCX worker's descriptor and progresses UCX itself when it wakes). The client sends a 100-byte control
 frame (`kv_transfer.ucx.send_message`) and waits for the echo, --round-trips times; p50 and p90 after
 the first 10%. --hop starts every round trip from another event loop, as a pull does (one
 `on_ucx_loop` hand-over each way). A pull by the same-host read costs two such round trips plus the
