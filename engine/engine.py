@@ -27,6 +27,7 @@ from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_b
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from engine.stop import StopStrings
 from engine.tp import TPInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,6 +107,7 @@ class LLMEngine:
         self.cache_config = cache_config or resolve_cache_config(config, self.model_config, tp_size)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.tokenizer = _load_tokenizer(config.model)
+        self._stop_strings = StopStrings(self.tokenizer)
         device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         self.model = build_engine_model(config.model, dtype, tp, device, config.quantization)
@@ -209,6 +211,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Drop a request in any state and free its blocks; unknown ids are ignored."""
         req = self.requests.pop(request_id, None)
+        self._stop_strings.forget(request_id)
         if req is not None:
             self.scheduler.remove(req)
 
@@ -249,17 +252,15 @@ class LLMEngine:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
-        if p.stop and find_stop(self._output_text(req), p.stop) is not None:
+        if p.stop and self._stop_strings.reached(req.request_id, p.stop, req.output_token_ids):
             return "stop"
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
 
-    def _output_text(self, req: Request) -> str:
-        return str(self.tokenizer.decode(req.output_token_ids))
-
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)
+        self._stop_strings.forget(req.request_id)
         if not req.hold_kv:
             del self.requests[req.request_id]
 
@@ -305,15 +306,3 @@ class LLMEngine:
         """Stop the follower ranks (TP); the engine cannot step afterwards."""
         if self.broadcaster is not None:
             self.broadcaster.stop()
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def truncate_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    """The output text cut before the first stop string."""
-    i = find_stop(text, stops)
-    return text if i is None else text[:i]

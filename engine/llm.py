@@ -22,10 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import load_config
-from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config, truncate_at_stop
+from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config
 from engine.kv_cache import CacheConfig
 from engine.main_guard import GUARD_MESSAGE, check_spawn_safe
 from engine.sampling import SamplingParams
+from engine.stop import truncate_at_stop
 from engine.tp import TPInfo, check_tp
 
 # followers wait on rank 0 between generate() calls, so their collective timeout must be long;

@@ -27,9 +27,10 @@ from pdserve.v1 import router_pb2
 
 from router.chat_template import ChatTemplate, ChatTemplateError
 from router.errors import RouterError
-from router.flow import FlowDeps, run_request
+from router.flow import run_request
 from router.openai_request import ApiError, OpenAIRequest, param_of, parse_chat, parse_completion
 from router.openai_response import DONE, OpenAIOutput, api_error, sse
+from router.request_run import FlowDeps
 from router.security import authorized
 from router.validate import InvalidRequest, prepare
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pdserve.v1 import router_pb2, worker_pb2
 
-from router.detok import IncrementalDetokenizer, StopMatcher
+from engine.stop import IncrementalDetokenizer, StopMatcher
 from router.tokenizer import TextCodec
 from router.validate import Prepared
 

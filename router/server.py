@@ -22,11 +22,11 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from router.admission import Admission
 from router.config import RouterConfig
-from router.flow import FlowDeps
 from router.http_server import HttpServer, server_ssl_context
 from router.observe import RequestObserver
 from router.picker import AffinityMemory
 from router.registry import Registry
+from router.request_run import FlowDeps
 from router.security import server_credentials
 from router.service import ROUTER_SERVICE, RegistryService, RouterService
 from router.tokenizer import TextCodec

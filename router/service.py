@@ -6,8 +6,9 @@ import grpc
 from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 
 from router.errors import RouterError
-from router.flow import FlowDeps, run_request
+from router.flow import run_request
 from router.registry import RejectedHeartbeat
+from router.request_run import FlowDeps
 from router.security import authorized
 from router.status import build_status
 from router.validate import InvalidRequest, prepare

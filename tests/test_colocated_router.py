@@ -7,14 +7,14 @@ import dataclasses
 
 from pdserve.v1 import kv_pb2, worker_pb2
 
-from router.local import (
+from router.picker import (
     cached_tokens,
+    hash_blocks,
     is_local_kv,
     pick_colocated,
     pick_local_prefill,
     pick_same_replica,
 )
-from router.prefix import hash_blocks
 from router.registry import DECODE, PREFILL, Registry
 from tests.fake_workers import make_config
 

@@ -24,6 +24,7 @@ import torch
 from router import client
 from router.client import Endpoint
 from router.registry import DECODE, PREFILL
+from router.request_run import RequestRun
 from tests.e2e import RunningCluster, running_cluster, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -165,16 +166,14 @@ def _kill_decode_mid_stream(cl: RunningCluster, ep: Endpoint, prompt: list[int],
 
 def test_kill_decode_mid_stream_migrates_with_identical_greedy_output(cluster: RunningCluster, ep: Endpoint,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import router.flow as flow
-
     migrations: list[str] = []
-    real = flow._migrate
+    real = RequestRun._migrate
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
-        migrations.append(args[0].request_id)
+        migrations.append(args[0].prep.request_id)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(flow, "_migrate", counted)
+    monkeypatch.setattr(RequestRun, "_migrate", counted)
     prompt = _prompt(1)
     expected = list(client.generate(ep, prompt, max_tokens=400, ignore_eos=True, timeout=60).token_ids)
     got = _kill_decode_mid_stream(cluster, ep, prompt, 400)

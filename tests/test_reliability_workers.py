@@ -32,6 +32,7 @@ from prefill_worker.replica import PrefillReplica
 from router.client import build_request
 from router.config import RouterConfig
 from router.registry import DECODE, PREFILL
+from router.request_run import RequestRun
 from router.server import RouterServer
 
 BLOCKS = 64
@@ -162,21 +163,19 @@ async def _queued_and_prefilling(rig: Rig) -> None:
 
 
 async def _leased(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import router.flow as flow
-
-    real = flow._stream_decode
+    real = RequestRun.stream_decode
 
     async def late(*args: Any, **kwargs: Any) -> None:
         await asyncio.sleep(30)
         await real(*args, **kwargs)
 
-    monkeypatch.setattr(flow, "_stream_decode", late)
+    monkeypatch.setattr(RequestRun, "stream_decode", late)
     call = await _start(rig, _prompt(3), rid="leased")
     service = rig.prefill.service
     assert service is not None
     await _until(lambda: "leased" in service.leases)  # prefill done, KV leased, no decode yet
     await _cancel(call)
-    monkeypatch.setattr(flow, "_stream_decode", real)
+    monkeypatch.setattr(RequestRun, "stream_decode", real)
     await rig.wait_free()
 
 

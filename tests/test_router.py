@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pdserve.v1 import router_pb2, worker_pb2_grpc
 
 from router.client import build_request
-from router.prefix import hash_blocks
+from router.picker import hash_blocks
 from tests.fake_workers import EOS, Cluster, FakeDecode, FakePrefill, make_config, start_cluster
 from tests.test_router_units import INVALID
 

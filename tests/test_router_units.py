@@ -9,11 +9,10 @@ import grpc
 import pytest
 from pdserve.v1 import router_pb2, worker_pb2
 
+from engine.stop import IncrementalDetokenizer, StopMatcher
 from router.admission import Admission, DuplicateRequest, Overloaded
-from router.detok import IncrementalDetokenizer, StopMatcher
 from router.output import OutputState
-from router.picker import AffinityMemory, pick_decode, pick_prefill
-from router.prefix import hash_blocks
+from router.picker import AffinityMemory, hash_blocks, pick_decode, pick_prefill
 from router.registry import DECODE, PREFILL, Registry, RejectedHeartbeat, Replica
 from router.status import format_status, status_json
 from router.validate import InvalidRequest, prepare

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import pytest
 import torch
 
 from engine.sampling import SamplingParams, sample
+from engine.stop import MAX_PENDING, StopChecker, StopMatcher, truncate_at_stop
 
 
 def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -66,3 +70,71 @@ def test_logprobs_are_of_raw_distribution_when_sampling() -> None:
     toks, lps = sample(logits, [SamplingParams(temperature=0.5, top_k=3, logprobs=True)] * 2, _gens(2))
     ref = torch.log_softmax(logits, -1).gather(1, toks[:, None]).squeeze(1)
     torch.testing.assert_close(lps, ref)
+
+
+class PieceCodec:
+    """Test decoder: token i is PIECES[i] (bytes; some split a UTF-8 character); counts ids decoded."""
+
+    PIECES = [b"ST", b"OP", b"P\xe2", b"\x82\xac", b"a", b" E", b"ND", b"\xc3", b"\xa9", b"x"]
+
+    def __init__(self) -> None:
+        self.decoded_ids = 0
+
+    def decode(self, ids: Sequence[int]) -> str:
+        self.decoded_ids += len(ids)
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _first_stop_step(ids: list[int], stops: tuple[str, ...]) -> int | None:
+    """The step whose token first puts a stop string in the whole decoded output (the old check)."""
+    codec = PieceCodec()
+    return next((k for k in range(1, len(ids) + 1) if any(s in codec.decode(ids[:k]) for s in stops)), None)
+
+
+def _checker_stop_step(ids: list[int], stops: tuple[str, ...]) -> int | None:
+    checker = StopChecker(stops, PieceCodec())
+    return next((k for k in range(1, len(ids) + 1) if checker.update(ids[:k])), None)
+
+
+def test_stop_string_split_across_steps_is_found_on_the_step_completing_it() -> None:
+    ids = [4, 5, 6, 4]  # "a", " E", "ND", "a": "END" spans the 2nd and 3rd tokens
+    assert _checker_stop_step(ids, ("END",)) == 3
+    assert _checker_stop_step([0, 1, 4], ("STOP",)) == 2
+    assert _checker_stop_step([0, 2, 3], ("STP€",)) == 3  # '€' is split across two tokens
+    assert _checker_stop_step([0, 2], ("STP",)) == 2  # found before the held-back character completes
+    assert _checker_stop_step([4, 9, 4], ("END",)) is None
+
+
+def test_incremental_stop_check_agrees_with_decoding_the_whole_output() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(len(PieceCodec.PIECES)) for _ in range(rng.randrange(1, 24))]
+        stops = tuple(rng.choice(["END", "STOP", "P€", "é", "aa", "OPP", "€a E"]) for _ in range(2))
+        assert _checker_stop_step(ids, stops) == _first_stop_step(ids, stops), (ids, stops)
+
+
+def test_stop_check_work_per_step_is_bounded() -> None:
+    codec = PieceCodec()
+    checker = StopChecker(("never here",), codec)
+    output: list[int] = []
+    per_step = []
+    for i in range(3000):
+        output.append([4, 5, 7, 8, 9, 2, 3][i % 7])
+        before = codec.decoded_ids
+        assert not checker.update(output)
+        per_step.append(codec.decoded_ids - before)
+    # a whole decode per step would read 1 + 2 + ... + 3000 ids; the window reads a handful each step
+    assert max(per_step) <= 4 * MAX_PENDING and sum(per_step) <= 8 * len(output)
+
+
+def test_stop_matcher_keeps_only_a_tail_shorter_than_the_longest_stop() -> None:
+    m = StopMatcher(["abcd", "xy"])
+    emitted = "".join(m.feed(piece)[0] for piece in ["zzab", "c", "zzzzzzx", "abc"])
+    assert emitted == "zzabczzzzzzx"  # all but "abc", which may start "abcd"
+    assert m.feed("d") == ("", True)
+
+
+def test_truncate_at_stop_cuts_before_the_first_stop_string() -> None:
+    assert truncate_at_stop("ab END cd xy", ("xy", "END")) == "ab "
+    assert truncate_at_stop("no stop here", ("END",)) == "no stop here"
+    assert truncate_at_stop("ends with EN", ("END",)) == "ends with EN"
