@@ -19,13 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pdserve.v1 import kv_pb2
+from pdserve.v1.kv_endpoints import LOCAL_KV_SCHEME
 
 from router.config import RouterConfig
 from router.picker import pick_decode, prefill_load
 from router.prefix import hash_blocks
 from router.registry import Replica
-
-LOCAL_KV_SCHEME = "local://"
 
 
 def is_local_kv(handle: kv_pb2.KVHandle) -> bool:
