@@ -127,7 +127,7 @@ def test_async_engine_reserve_then_resume_decodes_like_a_decode_replica(tiny: Pa
         llm = _engine(tiny)
         engine = AsyncEngine(llm, asyncio.get_running_loop())
         expected, _ = await _tokens(engine.submit("p", PROMPT, params, hold_kv=True))
-        held = await engine.call(lambda: llm.kv_block_ids("p"))
+        held = llm.kv_block_ids("p")  # the engine thread is idle (no work): safe to read from here
         hog = [1] * (engine.load().free_blocks * 8)
         assert await engine.reserve("hog", hog, 1, params, wait=0.0) is not None
         assert await engine.reserve("late", PROMPT, 0, params, wait=0.05) is None  # no room
@@ -135,8 +135,8 @@ def test_async_engine_reserve_then_resume_decodes_like_a_decode_replica(tiny: Pa
         start = time.monotonic()
         blocks = await engine.reserve("d", PROMPT, 0, params, wait=5.0)  # room comes with the abort
         assert blocks is not None and time.monotonic() - start >= 0.09
-        # as a pull would: the prompt's KV into the reserved blocks (kv: [blocks, layers, 2, H, bs, D])
-        await engine.call(lambda: llm.kv.index_copy_(0, torch.tensor(blocks), llm.kv[held[: len(blocks)]]))
+        # as a pull would (the engine still idle): the prompt's KV into the reserved blocks
+        llm.kv[torch.tensor(blocks)] = llm.kv[held[: len(blocks)]]  # kv: [blocks, layers, 2, H, bs, D]
         await engine.set_first_token("d", expected[0])
         stream = engine.open_stream("d")
         await engine.resume("d")

@@ -185,13 +185,12 @@ async def _waiting_for_decode_room(rig: Rig) -> None:
     hogs = []
     for d in rig.decodes.values():
         assert d.engine is not None
-        inner = d.engine.engine
-        hog = [1] * ((inner.num_free_blocks - 1) * inner.cache_config.block_size)
+        hog = [1] * ((d.engine.load().free_blocks - 1) * d.cfg.block_size)
         assert await d.engine.reserve("hog", hog, 1, SamplingParams(max_tokens=1), wait=0.0) is not None
         hogs.append(d)
     call = await _start(rig, _prompt(4), rid="gap")
     await _until(lambda: any("gap" in d.service.active for d in rig.decodes.values() if d.service))
-    await asyncio.sleep(0.2)  # it waits for room in `_reserve`
+    await asyncio.sleep(0.2)  # it waits for room in `AsyncEngine.reserve`
     assert all(_status(d, "gap") is None for d in rig.decodes.values())
     await _cancel(call)
     for d in hogs:
