@@ -130,7 +130,7 @@ class DecodeReplica:
     def _block_bytes(self) -> int:
         """One block on every rank: all layers, K and V, each rank's heads."""
         assert self.engine is not None
-        return self.engine.kv_block_bytes * self.cfg.tensor_parallel_size
+        return self.engine.kv[0].nbytes * self.cfg.tensor_parallel_size
 
     async def _pull(self, handle: KVHandle, blocks: list[int], timeout: float) -> None:
         assert self.puller is not None
@@ -168,10 +168,10 @@ class DecodeReplica:
             quantization=self.cfg.quantization,
         )
         if self.engine is not None:
-            load = self.engine.load()
-            st.running, st.queued = load.running, load.queued
-            st.kv_blocks_total, st.kv_blocks_free = load.total_blocks, load.free_blocks
-            st.weight_bytes = self.engine.weight_bytes()
+            engine = self.engine
+            st.running, st.queued = engine.num_running, engine.num_waiting
+            st.kv_blocks_total, st.kv_blocks_free = engine.num_total_blocks, engine.num_free_blocks
+            st.weight_bytes = engine.weight_bytes()
         self.pulls.fill(st)
         return st
 
@@ -179,7 +179,9 @@ class DecodeReplica:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.engine is not None:
-            await self.engine.shutdown()  # stops the follower ranks, then the engine thread
+            if self.engine.error is None:
+                await self.engine.shutdown()  # stops the follower ranks
+            self.engine.close()
         if self.puller is not None:
             await self.puller.close()
         await self.ranks.stop()

@@ -101,7 +101,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _check(self, request: worker_pb2.DecodeRequest, handle: KVHandle) -> None:
         """The handle must describe this request's prompt; the first token must be a real token
         (the engine embeds it without looking)."""
-        vocab = self.engine.vocab_size
+        vocab = self.engine.model_config.vocab_size
         if handle.request_id != request.request_id:
             raise ValueError(f"kv.request_id {handle.request_id!r} is not the request's id")
         if handle.num_tokens != len(request.prompt_token_ids):
@@ -150,7 +150,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for start in range(0, len(blocks), chunk):
             dst = blocks[start : start + chunk]
             first = await self.pull_chunk(handle, start, dst, _bounded(self.transfer_timeout, context))
-        vocab = self.engine.vocab_size
+        vocab = self.engine.model_config.vocab_size
         if first is None or not 0 <= first < vocab:
             raise TransferError(f"the last chunk's pull carried no valid first token ({first})")
         return first

@@ -198,9 +198,8 @@ class DecodeReplicaActor(_PoolReplica):
         engine, service = self.decode.engine, self.decode.service
         if engine is None or service is None:
             return decode_stats(0, 0, 0, self.max_num_seqs)
-        load = engine.load()
-        used = load.total_blocks - load.free_blocks
-        return decode_stats(used, load.total_blocks, len(service.active), self.max_num_seqs)
+        used = engine.num_total_blocks - engine.num_free_blocks
+        return decode_stats(used, engine.num_total_blocks, len(service.active), self.max_num_seqs)
 
 
 # The Serve deployments (typed as Any: Serve's decorator returns a Deployment, which mypy cannot see).

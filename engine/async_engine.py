@@ -9,8 +9,9 @@ Lifecycle of a request:
   4. `abort(request_id)` at any time frees the request's blocks; its stream ends with ABORT.
 
 Workers use the typed methods below (reserve, set_first_token, resume, adopt, request_rows,
-shutdown; the `load()` and `prefix_hashes()` snapshots): each runs on the engine thread and answers
-through a future, so no caller touches the LLMEngine or a Request.
+shutdown): each runs on the engine thread and answers through a future, so no caller touches the
+LLMEngine or a Request. Counters and `prefix_hashes()` are read without a round trip (each a single
+read of engine state; together they may be a step stale).
 
 Waiting for the engine never polls: the engine thread sleeps on its command queue while it has no
 work, and `next_change()` gives the event loop a future that completes after the next step or abort
@@ -36,6 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
+from engine.config import ModelConfig
 from engine.engine import LLMEngine, StepOutput
 from engine.finish import FinishReason
 from engine.quant import weight_bytes
@@ -62,16 +66,6 @@ class RequestStream:
         while not self.queue.empty():
             items.append(self.queue.get_nowait())
         return items
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLoad:
-    """A snapshot of the engine's batch and KV pool (heartbeats, autoscaling)."""
-
-    running: int
-    queued: int
-    total_blocks: int
-    free_blocks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +163,32 @@ class AsyncEngine:
 
     # --- what workers ask of the engine (decode side, colocated replica, deploy) ---------
     @property
-    def vocab_size(self) -> int:
-        return int(self.engine.model_config.vocab_size)
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
 
     @property
-    def kv_block_bytes(self) -> int:
-        """One KV block of this rank: all layers, K and V."""
-        return int(self.engine.kv[0].nbytes)
+    def kv(self) -> torch.Tensor:
+        """The KV cache the replica's rank-0 source serves: [N, L, 2, H_rank, B, D]."""
+        return self.engine.kv
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.engine.num_total_blocks
+
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.engine.model)
 
     async def reserve(self, request_id: str, prompt: list[int], first_token: int, params: SamplingParams,
                       wait: float) -> list[int] | None:
@@ -208,18 +221,8 @@ class AsyncEngine:
         return await self.call(lambda: _request_rows(self.engine))
 
     async def shutdown(self) -> None:
-        """Stops the follower ranks (TP) if the engine is alive, then the engine thread."""
-        if self._error is None:
-            await self.call(self.engine.shutdown)
-        self.close()
-
-    def load(self) -> EngineLoad:
-        """Counters read without a round trip (each one a single read; the set may be one step stale)."""
-        llm = self.engine
-        return EngineLoad(llm.num_running, llm.num_waiting, llm.num_total_blocks, llm.num_free_blocks)
-
-    def weight_bytes(self) -> int:
-        return weight_bytes(self.engine.model)
+        """Stops the follower ranks (TP); the engine cannot step afterwards."""
+        await self.call(self.engine.shutdown)
 
     def prefix_hashes(self, limit: int) -> list[int]:
         """The newest `limit` prefix-block hashes in the cache (a copy; empty if it kept changing)."""

@@ -105,15 +105,16 @@ def test_async_engine_adopts_a_held_prompt_and_reports_it(tiny: Path) -> None:
         assert reason == FinishReason.PREFILLED and reason == "prefilled"
         [row] = await engine.request_rows()
         assert (row.request_id, row.status, row.blocks) == ("a", "held", -(-len(PROMPT) // 8))
-        load = engine.load()
-        assert (load.running, load.queued, load.total_blocks - load.free_blocks) == (0, 0, row.blocks)
+        assert (engine.num_running, engine.num_waiting) == (0, 0)
+        assert engine.num_total_blocks - engine.num_free_blocks == row.blocks
         assert len(engine.prefix_hashes(2)) == 2  # the prompt's full blocks are in the prefix cache
         stream = engine.open_stream("a")
         await engine.adopt("a", params)
         rest, reason = await _tokens(stream)
         assert first + rest == expected and reason == FinishReason.LENGTH
-        assert await engine.request_rows() == [] and engine.load().free_blocks == 64
+        assert await engine.request_rows() == [] and engine.num_free_blocks == 64
         await engine.shutdown()
+        engine.close()
 
     asyncio.run(body())
 
@@ -128,7 +129,7 @@ def test_async_engine_reserve_then_resume_decodes_like_a_decode_replica(tiny: Pa
         engine = AsyncEngine(llm, asyncio.get_running_loop())
         expected, _ = await _tokens(engine.submit("p", PROMPT, params, hold_kv=True))
         held = llm.kv_block_ids("p")  # the engine thread is idle (no work): safe to read from here
-        hog = [1] * (engine.load().free_blocks * 8)
+        hog = [1] * (engine.num_free_blocks * 8)
         assert await engine.reserve("hog", hog, 1, params, wait=0.0) is not None
         assert await engine.reserve("late", PROMPT, 0, params, wait=0.05) is None  # no room
         asyncio.get_running_loop().call_later(0.1, engine.abort, "hog")
@@ -142,7 +143,7 @@ def test_async_engine_reserve_then_resume_decodes_like_a_decode_replica(tiny: Pa
         await engine.resume("d")
         rest, reason = await _tokens(stream)
         assert expected[:1] + rest == _plain(tiny, params) and reason == FinishReason.LENGTH
-        await engine.shutdown()
+        engine.close()
 
     asyncio.run(body())
 
@@ -170,6 +171,6 @@ def test_slow_steps_delays_each_step_and_an_abort_in_the_delay_wins(tiny: Path) 
         assert engine.engine is llm
         tokens, reason = await _tokens(engine.submit("t", PROMPT, params))
         assert len(tokens) == 3 and reason == FinishReason.LENGTH
-        await engine.shutdown()
+        engine.close()
 
     asyncio.run(body())

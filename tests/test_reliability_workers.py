@@ -185,7 +185,7 @@ async def _waiting_for_decode_room(rig: Rig) -> None:
     hogs = []
     for d in rig.decodes.values():
         assert d.engine is not None
-        hog = [1] * ((d.engine.load().free_blocks - 1) * d.cfg.block_size)
+        hog = [1] * ((d.engine.num_free_blocks - 1) * d.cfg.block_size)
         assert await d.engine.reserve("hog", hog, 1, SamplingParams(max_tokens=1), wait=0.0) is not None
         hogs.append(d)
     call = await _start(rig, _prompt(4), rid="gap")
