@@ -32,7 +32,6 @@ from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
-from engine.quant import weight_bytes
 from kv_transfer import make_puller
 from kv_transfer.base import KVPuller
 from kv_transfer.handle import KVHandle
@@ -131,7 +130,7 @@ class DecodeReplica:
     def _block_bytes(self) -> int:
         """One block on every rank: all layers, K and V, each rank's heads."""
         assert self.engine is not None
-        return self.engine.engine.kv[0].nbytes * self.cfg.tensor_parallel_size
+        return self.engine.kv[0].nbytes * self.cfg.tensor_parallel_size
 
     async def _pull(self, handle: KVHandle, blocks: list[int], timeout: float) -> None:
         assert self.puller is not None
@@ -169,10 +168,10 @@ class DecodeReplica:
             quantization=self.cfg.quantization,
         )
         if self.engine is not None:
-            llm = self.engine.engine
-            st.running, st.queued = llm.num_running, llm.num_waiting
-            st.kv_blocks_total, st.kv_blocks_free = llm.num_total_blocks, llm.num_free_blocks
-            st.weight_bytes = weight_bytes(llm.model)
+            engine = self.engine
+            st.running, st.queued = engine.num_running, engine.num_waiting
+            st.kv_blocks_total, st.kv_blocks_free = engine.num_total_blocks, engine.num_free_blocks
+            st.weight_bytes = engine.weight_bytes()
         self.pulls.fill(st)
         return st
 
@@ -181,7 +180,7 @@ class DecodeReplica:
             await self.server.stop(grace=1.0)
         if self.engine is not None:
             if self.engine.error is None:
-                await self.engine.call(self.engine.engine.shutdown)  # stops the follower ranks
+                await self.engine.shutdown()  # stops the follower ranks
             self.engine.close()
         if self.puller is not None:
             await self.puller.close()

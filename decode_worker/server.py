@@ -20,10 +20,7 @@ timeout is also bounded by the call's deadline.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
@@ -31,7 +28,8 @@ import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.engine import LLMEngine, StepOutput
+from engine.engine import StepOutput
+from engine.finish import FinishReason
 from engine.sampling import SamplingParams
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle
@@ -39,9 +37,9 @@ from kv_transfer.handle import KVHandle
 log = logging.getLogger(__name__)
 
 FINISH = {
-    "stop": worker_pb2.FINISH_STOP,
-    "length": worker_pb2.FINISH_LENGTH,
-    "abort": worker_pb2.FINISH_ABORT,
+    FinishReason.STOP: worker_pb2.FINISH_STOP,
+    FinishReason.LENGTH: worker_pb2.FINISH_LENGTH,
+    FinishReason.ABORT: worker_pb2.FINISH_ABORT,
 }
 
 Pull = Callable[[KVHandle, list[int], float], Awaitable[None]]
@@ -72,7 +70,6 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfer_timeout = transfer_timeout
         self.admission_wait = admission_wait
         self.active: set[str] = set()
-        self.pull_delay = 0.0  # fault injection (tests, drills): seconds each pull waits first
         self.pull_chunk: PullChunk | None = None  # streamed handles (kv_transfer.streaming)
 
     async def Decode(  # noqa: N802 - gRPC method name
@@ -104,7 +101,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _check(self, request: worker_pb2.DecodeRequest, handle: KVHandle) -> None:
         """The handle must describe this request's prompt; the first token must be a real token
         (the engine embeds it without looking)."""
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.model_config.vocab_size
         if handle.request_id != request.request_id:
             raise ValueError(f"kv.request_id {handle.request_id!r} is not the request's id")
         if handle.num_tokens != len(request.prompt_token_ids):
@@ -121,20 +118,19 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         handle: KVHandle,
         context: grpc.aio.ServicerContext,
     ) -> RequestStream:
-        rid, inner = request.request_id, self.engine.engine
-        prompt, first = list(request.prompt_token_ids), request.first_token
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
         try:
-            blocks = await self._reserve(lambda: inner.add_prefilled(rid, prompt, first, params))
+            blocks = await self.engine.reserve(rid, prompt, request.first_token, params, self.admission_wait)
             if blocks is None:
-                await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for {len(prompt)} tokens")
+                await abort_call(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"no free KV blocks for {len(prompt)} tokens")
             stream = self.engine.open_stream(rid)
-            await asyncio.sleep(self.pull_delay)
             if request.kv.stream_chunk_blocks:
                 first = await self._pull_streamed(handle, list(blocks), request.kv.stream_chunk_blocks, context)
-                await self.engine.call(lambda: _set_first_token(inner, rid, first))
+                await self.engine.set_first_token(rid, first)
             else:
                 await self.pull(handle, list(blocks), _bounded(self.transfer_timeout, context))
-            await self.engine.call(lambda: inner.resume(rid))
+            await self.engine.resume(rid)
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
         except ValueError as exc:  # the engine refused the request (prompt too long, bad ids)
@@ -154,37 +150,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for start in range(0, len(blocks), chunk):
             dst = blocks[start : start + chunk]
             first = await self.pull_chunk(handle, start, dst, _bounded(self.transfer_timeout, context))
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.model_config.vocab_size
         if first is None or not 0 <= first < vocab:
             raise TransferError(f"the last chunk's pull carried no valid first token ({first})")
         return first
 
-    async def _reserve(self, reserve: Callable[[], list[int] | None]) -> list[int] | None:
-        """Reserves blocks, waiting up to admission_wait for a step or abort to free some."""
-        deadline = time.monotonic() + self.admission_wait
-        while True:
-            changed = self.engine.next_change()
-            blocks = await self.engine.call(reserve)
-            left = deadline - time.monotonic()
-            if blocks is not None or left <= 0:
-                return blocks
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed, left)
-
     async def _stream(self, stream: RequestStream) -> AsyncIterator[worker_pb2.DecodeResponse]:
         while True:
             outs = [await stream.next()] + stream.drain()
-            if any(out.finish_reason == "error" for out in outs):  # the engine died under us
+            if any(out.finish_reason == FinishReason.ERROR for out in outs):  # the engine died under us
                 raise EngineFailed(f"decode engine failed: {self.engine.error!r}")
             message = _merge(outs)
             yield message
             if message.finish_reason != worker_pb2.FINISH_NONE:
                 return
-
-
-def _set_first_token(engine: LLMEngine, rid: str, token: int) -> None:
-    """Streamed hand-off: the first token arrives with the last chunk, after add_prefilled."""
-    engine.requests[rid].output_token_ids = [token]
 
 
 class EngineFailed(RuntimeError):
@@ -196,7 +175,8 @@ def _bounded(timeout: float, context: grpc.aio.ServicerContext) -> float:
     return timeout if left is None else max(0.0, min(timeout, left))
 
 
-async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """context.abort, typed as never returning (it raises to end the call)."""
     await context.abort(code, message)
     raise AssertionError("context.abort returned")
 

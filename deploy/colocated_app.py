@@ -1,4 +1,4 @@
-"""The decode pool as colocated replicas (deploy/colocated.py) in Ray Serve.
+"""The decode pool as colocated replicas (decode_worker/colocated.py) in Ray Serve.
 
 `serving_mode: colocated`: no prefill pool; each replica heartbeats as a DECODE replica and, under
 `<id>-prefill`, as a PREFILL replica at the same address, so the router prefills and decodes every
@@ -20,7 +20,7 @@ import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from ray import serve
 
-from deploy.colocated import ColocatedReplica, ColocatedWorkerConfig
+from decode_worker.colocated import ColocatedReplica, ColocatedWorkerConfig
 from deploy.config import DeployConfig
 from deploy.serve_app import _actor_options, _PoolReplica, build_decode_app, decode_worker_config
 from engine.cpus import thread_cores

@@ -173,12 +173,10 @@ class PrefillReplicaActor(_PoolReplica):
         service, engine = self.prefill.service, self.prefill.engine
         if service is None or engine is None:
             return []
-        inner = engine.engine
-        rows = await engine.call(lambda: [(rid, req.status.value, len(req.block_table))
-                                          for rid, req in inner.requests.items()])
-        return [{"request_id": rid, "status": status, "blocks": blocks, "leased": rid in service.leases,
-                 "running": rid in service.running, "unwanted": rid in service.unwanted}
-                for rid, status, blocks in rows]
+        return [{"request_id": row.request_id, "status": row.status, "blocks": row.blocks,
+                 "leased": row.request_id in service.leases, "running": row.request_id in service.running,
+                 "unwanted": row.request_id in service.unwanted}
+                for row in await engine.request_rows()]
 
 
 class DecodeReplicaActor(_PoolReplica):
@@ -200,9 +198,8 @@ class DecodeReplicaActor(_PoolReplica):
         engine, service = self.decode.engine, self.decode.service
         if engine is None or service is None:
             return decode_stats(0, 0, 0, self.max_num_seqs)
-        llm = engine.engine
-        used = llm.num_total_blocks - llm.num_free_blocks
-        return decode_stats(used, llm.num_total_blocks, len(service.active), self.max_num_seqs)
+        used = engine.num_total_blocks - engine.num_free_blocks
+        return decode_stats(used, engine.num_total_blocks, len(service.active), self.max_num_seqs)
 
 
 # The Serve deployments (typed as Any: Serve's decorator returns a Deployment, which mypy cannot see).

@@ -1,36 +1,52 @@
 """AsyncEngine: drives an LLMEngine on its own thread for an asyncio server.
 
 Lifecycle of a request:
-  1. `submit(...)` (or `submit_prefilled` + `resume`) queues a command for the engine thread and
-     returns a `RequestStream`.
+  1. `submit(...)` (or `reserve` + `resume`, or `adopt` of a held prompt) queues a command for the
+     engine thread; the caller reads the request's `RequestStream`.
   2. The engine thread applies queued commands between steps, runs `step()` while there is work,
      and pushes each StepOutput to the request's stream (thread-safe, via the event loop).
   3. The caller iterates the stream until a StepOutput with a finish_reason arrives.
-  4. `abort(request_id)` at any time frees the request's blocks; its stream ends with "abort".
+  4. `abort(request_id)` at any time frees the request's blocks; its stream ends with ABORT.
+
+Workers use the typed methods below (reserve, set_first_token, resume, adopt, request_rows,
+shutdown): each runs on the engine thread and answers through a future, so no caller touches the
+LLMEngine or a Request. Counters and `prefix_hashes()` are read without a round trip (each a single
+read of engine state; together they may be a step stale).
 
 Waiting for the engine never polls: the engine thread sleeps on its command queue while it has no
 work, and `next_change()` gives the event loop a future that completes after the next step or abort
 (when blocks may have been computed or freed).
 
 A request the engine refuses (ValueError from add_request: bad token ids, too long) ends its stream
-with "error" and `stream.error` set; the engine keeps serving. An exception from `step()` kills the
-engine: every open stream ends with "error", `error` is set, and later calls fail at once (nothing
+with ERROR and `stream.error` set; the engine keeps serving. An exception from `step()` kills the
+engine: every open stream ends with ERROR, `error` is set, and later calls fail at once (nothing
 waits on a dead engine thread).
 
-The engine itself is not thread-safe: every engine call happens on the engine thread.
+The engine itself is not thread-safe: every engine call happens on the engine thread. Fault
+injection for tests and drills (slow steps) lives in engine/faults.py, never called from here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
+
+from engine.config import ModelConfig
 from engine.engine import LLMEngine, StepOutput
+from engine.finish import FinishReason
+from engine.quant import weight_bytes
+from engine.sampling import SamplingParams
+
+T = TypeVar("T")
+HASH_COPY_TRIES = 3  # prefix_hashes(): the engine thread may change the table while it is copied
 
 
 @dataclass(slots=True)
@@ -39,7 +55,7 @@ class RequestStream:
 
     request_id: str
     queue: asyncio.Queue[StepOutput] = field(default_factory=asyncio.Queue)
-    error: str | None = None  # why the engine refused the request (its last output is "error")
+    error: str | None = None  # why the engine refused the request (its last output is ERROR)
 
     async def next(self, timeout: float | None = None) -> StepOutput:
         return await asyncio.wait_for(self.queue.get(), timeout)
@@ -50,6 +66,15 @@ class RequestStream:
         while not self.queue.empty():
             items.append(self.queue.get_nowait())
         return items
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """One request the engine still knows (diagnostics: leak hunts)."""
+
+    request_id: str
+    status: str  # RequestStatus value
+    blocks: int
 
 
 class AsyncEngine:
@@ -65,12 +90,12 @@ class AsyncEngine:
         self._calls: set[asyncio.Future[Any]] = set()  # call() futures not answered yet
         self._change_waiters: list[asyncio.Future[None]] = []  # next_change() futures
         self._waiters_lock = threading.Lock()
-        self.step_delay = 0.0  # fault injection (tests, drills): seconds slept before each step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
     # --- calls from the event loop -------------------------------------------------------
-    def submit(self, request_id: str, prompt: list[int], params: Any, hold_kv: bool = False) -> RequestStream:
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
+               hold_kv: bool = False) -> RequestStream:
         stream = self._open(request_id)
 
         def add() -> None:
@@ -79,17 +104,18 @@ class AsyncEngine:
             except ValueError as exc:  # a bad request fails alone, the engine goes on
                 stream.error = str(exc)
                 self._streams.pop(request_id, None)
-                self._deliver(stream, StepOutput(request_id, [], [], "error"))
+                self._deliver(stream, StepOutput(request_id, [], [], FinishReason.ERROR))
 
         self._commands.put(add)
         self._fail_if_dead(stream)
         return stream
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Runs fn on the engine thread between steps and returns its result."""
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Runs fn on the engine thread between steps and returns its result. Workers use the typed
+        methods below instead (the prefill worker still calls this until its own methods land)."""
         if self._error is not None:
             raise RuntimeError(f"engine failed: {self._error!r}")
-        done: asyncio.Future[Any] = self._loop.create_future()
+        done: asyncio.Future[T] = self._loop.create_future()
         self._calls.add(done)
         done.add_done_callback(self._calls.discard)
 
@@ -135,10 +161,81 @@ class AsyncEngine:
     def error(self) -> BaseException | None:
         return self._error
 
+    # --- what workers ask of the engine (decode side, colocated replica, deploy) ---------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The KV cache the replica's rank-0 source serves: [N, L, 2, H_rank, B, D]."""
+        return self.engine.kv
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.engine.num_total_blocks
+
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.engine.model)
+
+    async def reserve(self, request_id: str, prompt: list[int], first_token: int, params: SamplingParams,
+                      wait: float) -> list[int] | None:
+        """Decode role: reserves blocks for a prefilled prompt's KV (the request awaits its KV), waiting
+        up to `wait` seconds for a step or abort to free room; None when there is still none.
+        Raises ValueError when the engine refuses the request, RuntimeError when it is dead."""
+        deadline = time.monotonic() + wait
+        while True:
+            changed = self.next_change()  # taken first: a change during the call is not missed
+            blocks = await self.call(lambda: self.engine.add_prefilled(request_id, prompt, first_token, params))
+            left = deadline - time.monotonic()
+            if blocks is not None or left <= 0:
+                return blocks
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed, left)
+
+    async def set_first_token(self, request_id: str, token: int) -> None:
+        """Streamed hand-off: the prefill's first token arrives with the last chunk, after `reserve`."""
+        await self.call(lambda: _set_first_token(self.engine, request_id, token))
+
+    async def resume(self, request_id: str) -> None:
+        """The reserved request's KV has arrived: it joins the running batch."""
+        await self.call(lambda: self.engine.resume(request_id))
+
+    async def adopt(self, request_id: str, params: SamplingParams) -> None:
+        """Colocated: a held prompt's blocks become a running decode request (KeyError / ValueError)."""
+        await self.call(lambda: self.engine.adopt(request_id, params))
+
+    async def request_rows(self) -> list[RequestRow]:
+        return await self.call(lambda: _request_rows(self.engine))
+
+    async def shutdown(self) -> None:
+        """Stops the follower ranks (TP); the engine cannot step afterwards."""
+        await self.call(self.engine.shutdown)
+
+    def prefix_hashes(self, limit: int) -> list[int]:
+        """The newest `limit` prefix-block hashes in the cache (a copy; empty if it kept changing)."""
+        table = self.engine.allocator.hash_to_block
+        for _ in range(HASH_COPY_TRIES):
+            with contextlib.suppress(RuntimeError):  # changed size while copied
+                return list(table)[-limit:]
+        return []
+
     def _fail_if_dead(self, stream: RequestStream) -> None:
         if self._error is not None:
             self._streams.pop(stream.request_id, None)
-            stream.queue.put_nowait(StepOutput(stream.request_id, [], [], "error"))
+            stream.queue.put_nowait(StepOutput(stream.request_id, [], [], FinishReason.ERROR))
 
     def _fail_calls(self) -> None:
         error = RuntimeError(f"engine failed: {self._error!r}")
@@ -155,7 +252,7 @@ class AsyncEngine:
         self.engine.abort(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            self._deliver(stream, StepOutput(request_id, [], [], "abort"))
+            self._deliver(stream, StepOutput(request_id, [], [], FinishReason.ABORT))
         self._changed()
 
     def _run(self) -> None:
@@ -163,9 +260,6 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 self._apply_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
-                    if self.step_delay > 0:
-                        time.sleep(self.step_delay)
-                        self._apply_commands(block=False)  # aborts that came in meanwhile
                     for out in self.engine.step():
                         self._publish(out)
                     self._changed()
@@ -173,7 +267,7 @@ class AsyncEngine:
             with self._waiters_lock:
                 self._error = exc
             for stream in list(self._streams.values()):
-                self._deliver(stream, StepOutput(stream.request_id, [], [], "error"))
+                self._deliver(stream, StepOutput(stream.request_id, [], [], FinishReason.ERROR))
             self._streams.clear()
             self._fail_calls()
             self._changed()
@@ -208,6 +302,14 @@ class AsyncEngine:
 
     def _deliver(self, stream: RequestStream, out: StepOutput) -> None:
         self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+
+def _set_first_token(engine: LLMEngine, request_id: str, token: int) -> None:
+    engine.requests[request_id].output_token_ids = [token]
+
+
+def _request_rows(engine: LLMEngine) -> list[RequestRow]:
+    return [RequestRow(rid, req.status.value, len(req.block_table)) for rid, req in engine.requests.items()]
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -4,8 +4,8 @@ Request lifecycles:
   * plain: ``add_request`` -> WAITING -> RUNNING (chunked prefill, then decode) -> finished
     (eos, stop token/string, max_tokens or the context window); blocks are freed at once.
   * prefill role (``hold_kv=True``): finishes after its first sampled token but KEEPS its blocks
-    (``kv_block_ids``) until ``release_kv``. Its finish_reason is "prefilled" unless that first
-    token already ended the request ("stop" / "length").
+    (``kv_block_ids``) until ``release_kv``. Its finish_reason is PREFILLED unless that first
+    token already ended the request (STOP / LENGTH).
   * decode role: ``add_prefilled`` reserves blocks for the prompt's KV (written by a pull), then
     ``resume`` joins the running batch with the prefill's first token as output so far.
   * colocated (both roles on one engine): a held request is ``adopt``-ed: its blocks become the
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig, load_config
+from engine.finish import FinishReason
 from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_bytes
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -31,7 +32,6 @@ from engine.stop import StopStrings
 from engine.tp import TPInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FINISH_PREFILLED = "prefilled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class StepOutput:
     request_id: str
     token_ids: list[int]  # new tokens of this step
     logprobs: list[float]  # of those tokens (empty unless params.logprobs)
-    finish_reason: str | None  # "stop" | "length" | "prefilled" | "abort" | None
+    finish_reason: FinishReason | None  # None: the request goes on
 
 
 def build_engine_model(
@@ -241,24 +241,24 @@ class LLMEngine:
             req.output_logprobs.append(logprob)
         reason = self._stop_reason(req, token)
         if reason is None and req.hold_kv:
-            reason = FINISH_PREFILLED
+            reason = FinishReason.PREFILLED
         if reason is not None:
             self._finish(req, reason)
         return StepOutput(req.request_id, [token], lps, reason)
 
-    def _stop_reason(self, req: Request, token: int) -> str | None:
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         if not p.ignore_eos and token in self.model_config.eos_token_ids:
-            return "stop"
+            return FinishReason.STOP
         if token in p.stop_token_ids:
-            return "stop"
+            return FinishReason.STOP
         if p.stop and self._stop_strings.reached(req.request_id, p.stop, req.output_token_ids):
-            return "stop"
+            return FinishReason.STOP
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: FinishReason) -> None:
         self.scheduler.finish(req, reason)
         self._stop_strings.forget(req.request_id)
         if not req.hold_kv:

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from engine.config import load_config
 from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config
+from engine.finish import FinishReason
 from engine.kv_cache import CacheConfig
 from engine.main_guard import GUARD_MESSAGE, check_spawn_safe
 from engine.sampling import SamplingParams
@@ -43,7 +44,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 def _follower_main(
@@ -191,7 +192,7 @@ class LLM:
                 out.finish_reason = step.finish_reason
         for out, p in zip(outputs, plist, strict=True):
             out.text = self.tokenizer.decode(out.token_ids)
-            if out.finish_reason == "stop" and p.stop:
+            if out.finish_reason == FinishReason.STOP and p.stop:
                 out.text = truncate_at_stop(out.text, p.stop)
         return outputs
 

@@ -28,12 +28,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from pdserve.v1 import kv_pb2
+from pdserve.v1.kv_endpoints import LOCAL_KV_SCHEME
 
 from engine.kv_cache import prefix_block_hashes
 from router.config import RouterConfig
 from router.registry import Replica
-
-LOCAL_KV_SCHEME = "local://"
 
 
 def hash_blocks(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:

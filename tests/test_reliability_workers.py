@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ import pytest
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
+from decode_worker.faults import delay_pulls
 from decode_worker.replica import DecodeReplica
 from engine.config import load_config
+from engine.faults import slow_steps
 from engine.sampling import SamplingParams
 from engine.scheduler import RequestStatus
 from engine.tokenizer import Tokenizer
@@ -144,7 +145,7 @@ async def _cancel(call: Any) -> None:
 
 async def _queued_and_prefilling(rig: Rig) -> None:
     assert rig.prefill.engine is not None
-    rig.prefill.engine.step_delay = 0.2
+    slow_steps(rig.prefill.engine, 0.2)
     first = await _start(rig, _prompt(1), rid="a")
     inner = rig.prefill.engine.engine
 
@@ -158,7 +159,7 @@ async def _queued_and_prefilling(rig: Rig) -> None:
     assert partial("a")  # "a" is prefilling (chunk by chunk), "b" is queued behind it
     await _cancel(first)
     await _cancel(second)
-    rig.prefill.engine.step_delay = 0.0
+    slow_steps(rig.prefill.engine, 0.0)
     await rig.wait_free()
 
 
@@ -183,13 +184,12 @@ async def _waiting_for_decode_room(rig: Rig) -> None:
     hogs = []
     for d in rig.decodes.values():
         assert d.engine is not None
-        inner = d.engine.engine
-        hog = [1] * ((inner.num_free_blocks - 1) * inner.cache_config.block_size)
-        await d.engine.call(functools.partial(inner.add_prefilled, "hog", hog, 1, SamplingParams(max_tokens=1)))
+        hog = [1] * ((d.engine.num_free_blocks - 1) * d.cfg.block_size)
+        assert await d.engine.reserve("hog", hog, 1, SamplingParams(max_tokens=1), wait=0.0) is not None
         hogs.append(d)
     call = await _start(rig, _prompt(4), rid="gap")
     await _until(lambda: any("gap" in d.service.active for d in rig.decodes.values() if d.service))
-    await asyncio.sleep(0.2)  # it waits for room in `_reserve`
+    await asyncio.sleep(0.2)  # it waits for room in `AsyncEngine.reserve`
     assert all(_status(d, "gap") is None for d in rig.decodes.values())
     await _cancel(call)
     for d in hogs:
@@ -201,20 +201,20 @@ async def _waiting_for_decode_room(rig: Rig) -> None:
 async def _transferring(rig: Rig) -> None:
     for d in rig.decodes.values():
         assert d.service is not None
-        d.service.pull_delay = 5.0
+        delay_pulls(d.service, 5.0)
     call = await _start(rig, _prompt(5), rid="xfer")
     await _until(lambda: any(_status(d, "xfer") == RequestStatus.AWAITING_KV for d in rig.decodes.values()))
     await _cancel(call)
     for d in rig.decodes.values():
         assert d.service is not None
-        d.service.pull_delay = 0.0
+        delay_pulls(d.service, 0.0)
     await rig.wait_free()
 
 
 async def _decoding(rig: Rig) -> None:
     for d in rig.decodes.values():
         assert d.engine is not None
-        d.engine.step_delay = 0.02
+        slow_steps(d.engine, 0.02)
     call = await _start(rig, _prompt(6), max_tokens=150, rid="dec")
     got = 0
     async for _ in call:
@@ -225,7 +225,7 @@ async def _decoding(rig: Rig) -> None:
     await _cancel(call)
     for d in rig.decodes.values():
         assert d.engine is not None
-        d.engine.step_delay = 0.0
+        slow_steps(d.engine, 0.0)
     await rig.wait_free()
 
 
@@ -326,7 +326,7 @@ def test_decode_replica_lost_mid_stream_migrates_and_output_is_unchanged(model_d
         expected = [t async for m in rig.stub.Generate(request) for t in m.token_ids]
         for d in rig.decodes.values():
             assert d.engine is not None
-            d.engine.step_delay = 0.01
+            slow_steps(d.engine, 0.01)
         call = rig.stub.Generate(build_request(LONG_PROMPT, max_tokens=60, ignore_eos=True, request_id="mig"))
         got: list[int] = []
         async for m in call:
@@ -340,7 +340,7 @@ def test_decode_replica_lost_mid_stream_migrates_and_output_is_unchanged(model_d
         assert got == expected
         survivor = next(d for k, d in rig.decodes.items() if k in rig.beating)
         assert survivor.engine is not None
-        survivor.engine.step_delay = 0.0
+        slow_steps(survivor.engine, 0.0)
         await _until(lambda: not rig.prefill.service.leases if rig.prefill.service else False, 2.0)
 
     _run(model_dir, body)

@@ -18,6 +18,7 @@ from pdserve.v1 import worker_pb2_grpc
 from decode_worker.server import DecodeService
 from engine.async_engine import AsyncEngine
 from engine.engine import StepOutput
+from engine.finish import FinishReason
 from kv_transfer.handle import KVHandle
 
 VOCAB = 32000
@@ -55,7 +56,7 @@ class NullEngine:
         outs = []
         for rid, state in list(self._running.items()):
             state[0], state[1] = (state[0] + 1) % VOCAB, state[1] - 1
-            finish = "length" if state[1] <= 0 else None
+            finish = FinishReason.LENGTH if state[1] <= 0 else None
             if finish:
                 del self._running[rid]
             outs.append(StepOutput(rid, [state[0]], [], finish))

@@ -2,14 +2,15 @@
 
 Used for `serving_mode: colocated` (the replica is both a PREFILL and a DECODE replica) and for
 conditional disaggregation (`decode.local_prefill_max_tokens`: a decode replica that also prefills
-the prompts the router keeps local). It lives in deploy/ because it assembles both workers.
+the prompts the router keeps local). It is a decode replica that also serves prefill_worker's
+PrefillService on its own engine.
 
 Lifecycle:
   1. `start()` builds the engine as a decode replica does and serves PrefillWorker and DecodeWorker
      on one gRPC server.
   2. `Prefill` (prefill_worker's PrefillService) runs the prompt with hold_kv and leases the blocks in
      place: the KVHandle's one shard names `local://<token>` instead of a KV source.
-  3. `Decode` of such a handle adopts the held blocks (`LLMEngine.adopt`): no copy, no transfer. Any
+  3. `Decode` of such a handle adopts the held blocks (`AsyncEngine.adopt`): no copy, no transfer. Any
      other handle is pulled, as on a plain decode replica.
   4. The lease expires (blocks freed) if no Decode comes; ReleaseKV frees it at once.
 """
@@ -22,10 +23,11 @@ from dataclasses import dataclass
 
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.v1.kv_endpoints import LOCAL_KV_SCHEME
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
-from decode_worker.server import DecodeService, Pull, Release, _fail
+from decode_worker.server import DecodeService, Pull, Release, abort_call
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.distributed import GroupSpec
 from engine.kv_cache import CacheConfig
@@ -34,7 +36,6 @@ from kv_transfer import make_puller
 from kv_transfer.handle import KVHandle
 from prefill_worker.server import PrefillService, RankLease
 
-LOCAL_KV_SCHEME = "local://"  # a KVHandle endpoint: the KV stays in the prefilling engine
 MAX_REPORTED_HASHES = 512  # prefix-block hashes per heartbeat (router: affinity, local prefill)
 PULL_FIELDS = ("kv_pulls", "kv_pull_bytes", "kv_pull_seconds", "kv_pull_latency_bounds",
                "kv_pull_latency_counts")
@@ -92,15 +93,15 @@ class ColocatedDecodeService(DecodeService):
             stream = await super()._admit_and_pull(request, params, handle, context)
             self.stats.pulled += 1
             return stream
-        rid, inner = request.request_id, self.engine.engine
+        rid = request.request_id
         if not self.take_lease(rid):
-            await _fail(context, grpc.StatusCode.UNAVAILABLE,
-                        f"the KV of {rid} is no longer held here (lease expired or released)")
+            await abort_call(context, grpc.StatusCode.UNAVAILABLE,
+                             f"the KV of {rid} is no longer held here (lease expired or released)")
         stream = self.engine.open_stream(rid)
         try:
-            await self.engine.call(lambda: inner.adopt(rid, params))
+            await self.engine.adopt(rid, params)
         except (KeyError, ValueError) as exc:
-            await _fail(context, grpc.StatusCode.UNAVAILABLE, f"adopting the KV of {rid}: {exc}")
+            await abort_call(context, grpc.StatusCode.UNAVAILABLE, f"adopting the KV of {rid}: {exc}")
         self.stats.adopted += 1
         return stream
 
@@ -161,12 +162,4 @@ class ColocatedReplica(DecodeReplica):
             decode is None or not decode.active)
 
     def _cached_hashes(self) -> list[int]:
-        if self.engine is None:
-            return []
-        table = self.engine.engine.allocator.hash_to_block
-        for _ in range(3):  # the engine thread may change the dict while we copy it
-            try:
-                return list(table)[-MAX_REPORTED_HASHES:]
-            except RuntimeError:
-                continue
-        return []
+        return [] if self.engine is None else self.engine.prefix_hashes(MAX_REPORTED_HASHES)
