@@ -33,8 +33,8 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.engine import LLMEngine, StepOutput
 from engine.sampling import SamplingParams
-from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle
+from kv_transfer.interfaces import TransferError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
 from engine.engine import DTYPES
 from kv_transfer import make_source
-from kv_transfer.base import HOST_ID, KVSource
+from kv_transfer.host import HOST_ID
+from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
 
 

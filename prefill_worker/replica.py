@@ -25,7 +25,8 @@ from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
 from kv_transfer import make_source
-from kv_transfer.base import HOST_ID, KVSource
+from kv_transfer.host import HOST_ID
+from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.rank import PrefillRank, encode_lease, encode_stream_lease
 from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
