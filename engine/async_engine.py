@@ -30,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config import ModelConfig
 from engine.engine import LLMEngine, StepOutput
+from engine.kv_cache import CacheConfig
+from engine.quant import weight_bytes
 
 
 @dataclass(slots=True)
@@ -209,6 +212,54 @@ class AsyncEngine:
     def _deliver(self, stream: RequestStream, out: StepOutput) -> None:
         self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
+    # --- prefill worker ----------------------------------------------------------------------
+    # What a prefill replica reads of its engine: the KV layout it describes in a handle, a held
+    # request's blocks and progress (read on the engine thread, answered by a future the engine
+    # thread completes), and the counts its heartbeat reports.
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.engine.cache_config
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.engine.num_total_blocks
+
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.engine.model)
+
+    async def kv_block_ids(self, request_id: str) -> list[int]:
+        """A held (hold_kv) request's blocks, token order; KeyError when it is gone."""
+        engine = self.engine
+        blocks: list[int] = await self.call(lambda: engine.kv_block_ids(request_id))
+        return blocks
+
+    async def prefill_progress(self, request_id: str) -> PrefillProgress | None:
+        """A prefilling request's block table and how many of its blocks hold computed KV; None
+        while it has no blocks (queued, or gone)."""
+        engine = self.engine
+        progress: PrefillProgress | None = await self.call(lambda: _read_progress(engine, request_id))
+        return progress
+
+    async def shutdown(self) -> None:
+        """Stops the follower ranks (TP); the engine cannot step afterwards."""
+        await self.call(self.engine.shutdown)
+
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
@@ -218,3 +269,24 @@ def _set_result(future: asyncio.Future[Any], value: Any) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+# --- prefill worker ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PrefillProgress:
+    """A request's KV on a prefill engine: its block table so far and the leading blocks that hold
+    computed KV."""
+
+    block_ids: tuple[int, ...]
+    ready_blocks: int
+
+
+def _read_progress(engine: LLMEngine, request_id: str) -> PrefillProgress | None:
+    """Runs on the engine thread. The last block counts as ready only with the first token (the
+    worker's final update), never from the computed-token count alone."""
+    req = engine.requests.get(request_id)
+    if req is None or not req.block_table:
+        return None
+    bs = engine.cache_config.block_size
+    last = -(-len(req.prompt_token_ids) // bs) - 1
+    return PrefillProgress(tuple(req.block_table), min(req.num_computed_tokens // bs, last))

@@ -23,13 +23,13 @@ from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
-from engine.quant import weight_bytes
 from kv_transfer import make_source
 from kv_transfer.host import HOST_ID
 from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
+from prefill_worker.lease import RankLease
 from prefill_worker.rank import PrefillRank, encode_lease, encode_stream_lease
-from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
+from prefill_worker.server import SERVER_OPTIONS, PrefillService
 
 
 class PrefillReplica:
@@ -98,20 +98,20 @@ class PrefillReplica:
             tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
             quantization="none",
         )
-        if self.engine is not None and self.service is not None:
-            llm = self.engine.engine
-            st.running, st.queued = llm.num_running, llm.num_waiting
+        engine = self.engine
+        if engine is not None and self.service is not None:
+            st.running, st.queued = engine.num_running, engine.num_waiting
             st.queued_prompt_tokens = self.service.queued_prompt_tokens
-            st.kv_blocks_total, st.kv_blocks_free = llm.num_total_blocks, llm.num_free_blocks
+            st.kv_blocks_total, st.kv_blocks_free = engine.num_total_blocks, engine.num_free_blocks
             st.kv_blocks_leased = self.service.leased_blocks()
-            st.weight_bytes = weight_bytes(llm.model)
+            st.weight_bytes = engine.weight_bytes()
         return st
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.engine is not None:
-            await self.engine.call(self.engine.engine.shutdown)
+            await self.engine.shutdown()
             self.engine.close()
         for source in self.sources:
             await source.close()
