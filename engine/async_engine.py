@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from engine.config import ModelConfig
 from engine.engine import LLMEngine, StepOutput
 from engine.kv_cache import CacheConfig
@@ -223,6 +225,11 @@ class AsyncEngine:
     @property
     def cache_config(self) -> CacheConfig:
         return self.engine.cache_config
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The KV cache the replica's rank-0 source serves: [N, L, 2, H_rank, B, D]."""
+        return self.engine.kv
 
     @property
     def num_running(self) -> int:

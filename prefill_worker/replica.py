@@ -51,8 +51,8 @@ class PrefillReplica:
         self.followers = [self._spawn(rank, spec) for rank in range(1, spec.world_size)]
         follower_starts = [f.start.remote() for f in self.followers]
         llm = await asyncio.to_thread(self._build_engine, spec)
-        self.engine = AsyncEngine(llm, asyncio.get_running_loop())
-        source = make_source(self.cfg.kv_backend, llm.kv, 0, spec.world_size, llm.model_config.num_kv_heads)
+        self.engine = engine = AsyncEngine(llm, asyncio.get_running_loop())
+        source = make_source(self.cfg.kv_backend, engine.kv, 0, spec.world_size, engine.model_config.num_kv_heads)
         self.sources.append(source)
         ranks = [_local_lease(source, await source.start(self.cfg.host))]
         for rank, (actor, (endpoint, host)) in enumerate(
