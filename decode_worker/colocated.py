@@ -81,11 +81,7 @@ class ColocatedDecodeService(DecodeService):
 
     def take_lease(self, rid: str) -> bool:
         """The held blocks pass from the prefill lease to this decode; False if already gone."""
-        lease = self.prefill.leases.pop(rid, None)
-        if lease is None:
-            return False
-        lease[0].cancel()
-        return True
+        return self.prefill.leases.adopt(rid)
 
     async def _admit_and_pull(self, request: worker_pb2.DecodeRequest, params: SamplingParams,
                               handle: KVHandle, context: grpc.aio.ServicerContext) -> RequestStream:

@@ -22,8 +22,9 @@ from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
 from engine.engine import DTYPES
 from kv_transfer import make_puller
-from kv_transfer.base import KVPuller, TransferError
 from kv_transfer.handle import KVHandle
+from kv_transfer.interfaces import TransferError
+from kv_transfer.puller import KVPuller
 
 T = TypeVar("T")
 

@@ -33,8 +33,8 @@ from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
 from kv_transfer import make_puller
-from kv_transfer.base import KVPuller
 from kv_transfer.handle import KVHandle
+from kv_transfer.puller import KVPuller
 
 PULL_LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -31,8 +31,8 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.engine import StepOutput
 from engine.finish import FinishReason
 from engine.sampling import SamplingParams
-from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle
+from kv_transfer.interfaces import TransferError
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_config
 from deploy.config import DeployConfig, ResourcesConfig
+from kv_transfer.faults import fail_next_pulls
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
 
@@ -165,7 +166,7 @@ class PrefillReplicaActor(_PoolReplica):
 
     def fail_next_pulls(self, n: int) -> None:
         """Fault injection for tests and drills: the next n KV pulls from rank 0 fail."""
-        self.prefill.sources[0].fail_next_pulls(n)
+        fail_next_pulls(self.prefill.sources[0], n)
 
     async def held_requests(self) -> list[dict[str, Any]]:
         """Diagnostics (leak hunts): every request the prefill engine still knows, with its blocks and

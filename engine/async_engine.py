@@ -42,6 +42,7 @@ import torch
 from engine.config import ModelConfig
 from engine.engine import LLMEngine, StepOutput
 from engine.finish import FinishReason
+from engine.kv_cache import CacheConfig
 from engine.quant import weight_bytes
 from engine.sampling import SamplingParams
 
@@ -303,6 +304,27 @@ class AsyncEngine:
     def _deliver(self, stream: RequestStream, out: StepOutput) -> None:
         self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
+    # --- prefill worker ----------------------------------------------------------------------
+    # What a prefill replica reads of its engine beyond the counts above: the cache layout it
+    # describes in a handle, a held request's blocks and progress (read on the engine thread,
+    # answered by a future the engine thread completes).
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.engine.cache_config
+
+    async def kv_block_ids(self, request_id: str) -> list[int]:
+        """A held (hold_kv) request's blocks, token order; KeyError when it is gone."""
+        engine = self.engine
+        blocks: list[int] = await self.call(lambda: engine.kv_block_ids(request_id))
+        return blocks
+
+    async def prefill_progress(self, request_id: str) -> PrefillProgress | None:
+        """A prefilling request's block table and how many of its blocks hold computed KV; None
+        while it has no blocks (queued, or gone)."""
+        engine = self.engine
+        progress: PrefillProgress | None = await self.call(lambda: _read_progress(engine, request_id))
+        return progress
+
 
 def _set_first_token(engine: LLMEngine, request_id: str, token: int) -> None:
     engine.requests[request_id].output_token_ids = [token]
@@ -320,3 +342,24 @@ def _set_result(future: asyncio.Future[Any], value: Any) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+# --- prefill worker ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PrefillProgress:
+    """A request's KV on a prefill engine: its block table so far and the leading blocks that hold
+    computed KV."""
+
+    block_ids: tuple[int, ...]
+    ready_blocks: int
+
+
+def _read_progress(engine: LLMEngine, request_id: str) -> PrefillProgress | None:
+    """Runs on the engine thread. The last block counts as ready only with the first token (the
+    worker's final update), never from the computed-token count alone."""
+    req = engine.requests.get(request_id)
+    if req is None or not req.block_table:
+        return None
+    bs = engine.cache_config.block_size
+    last = -(-len(req.prompt_token_ids) // bs) - 1
+    return PrefillProgress(tuple(req.block_table), min(req.num_computed_tokens // bs, last))

@@ -1,4 +1,4 @@
-"""Moving KV blocks between pools: see kv_transfer/base.py for the interfaces."""
+"""Moving KV blocks between pools: interfaces.py (errors, states), source.py and puller.py (the two sides)."""
 
 from kv_transfer.backends import make_puller, make_source
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kv_transfer.base import KVPuller, KVSource
+from kv_transfer.puller import KVPuller
+from kv_transfer.source import KVSource
 
 BACKENDS = ("ucx", "torch")
 

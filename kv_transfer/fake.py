@@ -14,8 +14,10 @@ from collections.abc import Callable
 import torch
 from pdserve.v1 import kv_pb2
 
-from kv_transfer.base import KVPuller, KVSource, TransferError, TransferState
+from kv_transfer.interfaces import TransferError, TransferState
 from kv_transfer.payload import make_landing
+from kv_transfer.puller import KVPuller
+from kv_transfer.source import KVSource
 
 
 class FakeRegistry:
@@ -57,8 +59,7 @@ class FakeSource(KVSource):
         if self.endpoint is not None:
             self._registry.remove(self.endpoint)
             self.endpoint = None
-        with self._lock:
-            self._leases.clear()
+        self.drop_leases()
 
 
 class FakePuller(KVPuller):

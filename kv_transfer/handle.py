@@ -12,7 +12,7 @@ import torch
 from pdserve.v1 import kv_pb2
 
 from engine.tp import tp_kv_error
-from kv_transfer.base import TransferError
+from kv_transfer.interfaces import TransferError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,7 +37,7 @@ class RankShard:
     rank: int
     endpoint: str  # "host:port" of that rank's KVSource
     block_ids: tuple[int, ...]  # blocks in that rank's cache, in token order
-    host_id: str = ""  # the rank's host (base.HOST_ID); "" = unknown
+    host_id: str = ""  # the rank's host (kv_transfer.host.HOST_ID); "" = unknown
 
 
 @dataclass(frozen=True, slots=True)

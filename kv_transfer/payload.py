@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.base import MAX_SEGMENTS
+from kv_transfer.interfaces import MAX_SEGMENTS
 
 
 class StagingPool:

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine.tp import kv_head_range, tp_kv_error
-from kv_transfer.base import TransferError
+from kv_transfer.interfaces import TransferError
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,15 +28,10 @@ import torch
 import torch.distributed as dist
 from pdserve.v1 import kv_pb2
 
-from kv_transfer.base import (
-    MAX_REQUEST_BYTES,
-    KVPuller,
-    KVSource,
-    TransferError,
-    TransferState,
-    refuse,
-)
+from kv_transfer.interfaces import MAX_REQUEST_BYTES, TransferError, TransferState
 from kv_transfer.payload import make_landing
+from kv_transfer.puller import KVPuller
+from kv_transfer.source import KVSource, refuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +123,7 @@ class TorchDistSource(KVSource):
         for thread in threads:
             await asyncio.to_thread(thread.join, 5.0)
         self._store = None
-        with self._lock:
-            self._leases.clear()
+        self.drop_leases()
 
     def _spawn(self, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True, name="kv-source")

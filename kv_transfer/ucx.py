@@ -46,16 +46,11 @@ import ucxx
 from pdserve.v1 import kv_pb2
 
 from kv_transfer import ucx_loop
-from kv_transfer.base import (
-    HOST_ID,
-    MAX_REQUEST_BYTES,
-    KVPuller,
-    KVSource,
-    TransferError,
-    TransferState,
-    refuse,
-)
+from kv_transfer.host import HOST_ID
+from kv_transfer.interfaces import MAX_REQUEST_BYTES, TransferError, TransferState
 from kv_transfer.payload import make_landing
+from kv_transfer.puller import KVPuller
+from kv_transfer.source import KVSource, refuse
 from kv_transfer.ucx_loop import on_ucx_loop
 
 T = TypeVar("T")
@@ -230,8 +225,7 @@ class UCXSource(KVSource):
             await asyncio.sleep(0.01)  # let the handlers return before the listener goes
         if listener is not None:
             listener.close()
-        with self._lock:
-            self._leases.clear()
+        self.drop_leases()
 
     async def _serve(self, ep: Any) -> None:
         """One decode connection: answer its requests in order until it closes or misbehaves."""

@@ -8,6 +8,7 @@ loop (rank 0's steps, until rank 0 stops the group). Rank 0 forwards leases as p
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import torch
@@ -17,7 +18,8 @@ from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
 from engine.engine import DTYPES
 from kv_transfer import make_source
-from kv_transfer.base import HOST_ID, KVSource
+from kv_transfer.host import HOST_ID
+from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
 
 
@@ -48,8 +50,6 @@ class PrefillRank:
 
     async def start(self) -> tuple[str, str]:
         """-> (this rank's KV source endpoint, its host id)."""
-        import asyncio
-
         follower = await asyncio.to_thread(self._build)
         self.source = make_source(
             self.cfg.kv_backend, follower.kv, self.rank, self.spec.world_size,

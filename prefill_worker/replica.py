@@ -23,12 +23,13 @@ from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
 from engine.engine import DTYPES, EngineConfig, LLMEngine
 from engine.kv_cache import CacheConfig
-from engine.quant import weight_bytes
 from kv_transfer import make_source
-from kv_transfer.base import HOST_ID, KVSource
+from kv_transfer.host import HOST_ID
+from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
+from prefill_worker.lease import RankLease
 from prefill_worker.rank import PrefillRank, encode_lease, encode_stream_lease
-from prefill_worker.server import SERVER_OPTIONS, PrefillService, RankLease
+from prefill_worker.server import SERVER_OPTIONS, PrefillService
 
 
 class PrefillReplica:
@@ -50,8 +51,8 @@ class PrefillReplica:
         self.followers = [self._spawn(rank, spec) for rank in range(1, spec.world_size)]
         follower_starts = [f.start.remote() for f in self.followers]
         llm = await asyncio.to_thread(self._build_engine, spec)
-        self.engine = AsyncEngine(llm, asyncio.get_running_loop())
-        source = make_source(self.cfg.kv_backend, llm.kv, 0, spec.world_size, llm.model_config.num_kv_heads)
+        self.engine = engine = AsyncEngine(llm, asyncio.get_running_loop())
+        source = make_source(self.cfg.kv_backend, engine.kv, 0, spec.world_size, engine.model_config.num_kv_heads)
         self.sources.append(source)
         ranks = [_local_lease(source, await source.start(self.cfg.host))]
         for rank, (actor, (endpoint, host)) in enumerate(
@@ -97,20 +98,20 @@ class PrefillReplica:
             tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
             quantization="none",
         )
-        if self.engine is not None and self.service is not None:
-            llm = self.engine.engine
-            st.running, st.queued = llm.num_running, llm.num_waiting
+        engine = self.engine
+        if engine is not None and self.service is not None:
+            st.running, st.queued = engine.num_running, engine.num_waiting
             st.queued_prompt_tokens = self.service.queued_prompt_tokens
-            st.kv_blocks_total, st.kv_blocks_free = llm.num_total_blocks, llm.num_free_blocks
+            st.kv_blocks_total, st.kv_blocks_free = engine.num_total_blocks, engine.num_free_blocks
             st.kv_blocks_leased = self.service.leased_blocks()
-            st.weight_bytes = weight_bytes(llm.model)
+            st.weight_bytes = engine.weight_bytes()
         return st
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.engine is not None:
-            await self.engine.call(self.engine.engine.shutdown)
+            await self.engine.shutdown()
             self.engine.close()
         for source in self.sources:
             await source.close()

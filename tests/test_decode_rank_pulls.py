@@ -11,8 +11,8 @@ import time
 import pytest
 
 from decode_worker.rank import RankPulls
-from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle, RankShard
+from kv_transfer.interfaces import TransferError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

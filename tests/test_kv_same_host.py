@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from engine.kv_cache import shareable_zeros, shared_pool
-from kv_transfer.base import HOST_ID, TransferError
 from kv_transfer.handle import KVHandle, RankShard
+from kv_transfer.host import HOST_ID
+from kv_transfer.interfaces import TransferError
 from kv_transfer.ucx import UCXConfig, UCXPuller, UCXSource, copy_blocks
 
 L, H, B, D, N = 2, 4, 4, 8, 32  # layers, kv heads, block size, head dim, blocks

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle, RankShard
+from kv_transfer.interfaces import TransferError
 from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config, wait_free
 from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 

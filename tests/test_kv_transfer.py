@@ -11,9 +11,10 @@ import pytest
 import torch
 from pdserve.v1 import kv_pb2
 
-from kv_transfer.base import TransferError, TransferState
 from kv_transfer.fake import FakePuller, FakeRegistry, FakeSource
+from kv_transfer.faults import fail_next_pulls
 from kv_transfer.handle import KVHandle, RankShard
+from kv_transfer.interfaces import TransferError, TransferState
 from kv_transfer.payload import StagingPool, make_landing, plan_segments, source_tensors
 from kv_transfer.reshard import PullPlan, plan_pulls
 
@@ -203,7 +204,7 @@ def test_fake_refusals() -> None:
         reg = FakeRegistry()
         (src,), handle = await _sources(reg, 1, (1, 2))
         puller = FakePuller(torch.zeros(16, L, 2, H, B, D), 0, 1, H, registry=reg)
-        src.fail_next_pulls(1)
+        fail_next_pulls(src, 1)
         with pytest.raises(TransferError, match="injected"):
             await puller.pull(handle, [0, 1], timeout=5)
         assert puller.state("r1") is TransferState.FAILED

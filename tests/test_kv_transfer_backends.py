@@ -18,8 +18,11 @@ import pytest
 import torch
 from pdserve.v1 import kv_pb2
 
-from kv_transfer.base import MAX_REQUEST_BYTES, KVPuller, KVSource, TransferError, TransferState
+from kv_transfer.faults import fail_next_pulls
 from kv_transfer.handle import KVHandle, RankShard
+from kv_transfer.interfaces import MAX_REQUEST_BYTES, TransferError, TransferState
+from kv_transfer.puller import KVPuller
+from kv_transfer.source import KVSource
 
 L, H, B, D, N = 2, 4, 4, 8, 32  # layers, kv heads, block size, head dim, blocks
 SEEDS = {"tp1": 20, "tp2r0": 10, "tp2r1": 11}
@@ -75,7 +78,7 @@ async def _source_loop(backend: str, names: list[str], conn: Any) -> None:
         if cmd == "lease":
             src.lease(args[0], args[1], time.time() + args[2])
         elif cmd == "fail":
-            src.fail_next_pulls(args[0])
+            fail_next_pulls(src, args[0])
         conn.send(src.leased_blocks())
 
 

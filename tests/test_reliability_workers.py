@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from decode_worker.config import DecodeWorkerConfig
@@ -344,3 +345,85 @@ def test_decode_replica_lost_mid_stream_migrates_and_output_is_unchanged(model_d
         await _until(lambda: not rig.prefill.service.leases if rig.prefill.service else False, 2.0)
 
     _run(model_dir, body)
+
+
+def _source_ranks(n: int, delay: float = 0.0) -> tuple[list[Any], list[Any]]:
+    """n in-process KV sources (the fake backend's real serving path) and a RankLease for each;
+    delay: seconds a lease takes to reach its source (a follower rank is a Ray call away)."""
+    from kv_transfer.fake import FakeRegistry, FakeSource
+    from prefill_worker.lease import RankLease
+
+    registry, sources, ranks = FakeRegistry(), [], []
+    for rank in range(n):
+        source = FakeSource(torch.zeros(8, 1, 2, 2 // n, 4, 4), rank, n, 2, registry=registry)
+
+        async def lease(rid: str, blocks: list[int], expiry: float, token: bytes, s: Any = source) -> None:
+            await asyncio.sleep(delay)
+            s.lease(rid, blocks, expiry, token)
+
+        async def unlease(rid: str, s: Any = source) -> None:
+            s.unlease(rid)
+
+        sources.append(source)
+        ranks.append(RankLease(rank, f"fake:{rank}", lease, unlease))
+    return sources, ranks
+
+
+def test_lease_state_machine_release_expiry_and_adopt() -> None:
+    """running -> leased -> released / expired / adopted: each end frees (or hands over) once, and
+    every rank stops serving the blocks."""
+    from prefill_worker.lease import Leases, LeaseState
+
+    async def main() -> None:
+        sources, ranks = _source_ranks(2)
+        freed: list[str] = []
+        leases = Leases(ranks, freed.append)
+        a = leases.begin("a", b"t")
+        assert a.state is LeaseState.RUNNING and leases.in_use("a") and "a" not in leases
+        assert not await leases.release("a") and leases.unwanted() == {"a"}  # running: marked only
+        a.open(60.0, 0)
+        await a.grant([1, 2])
+        assert "a" in leases and leases.leased_blocks() == 2
+        assert all(s.leased_blocks() == 2 for s in sources)
+        assert await leases.release("a") and a.state is LeaseState.RELEASED and freed == ["a"]
+        assert all(s.leased_blocks() == 0 for s in sources) and leases.in_use("a")  # call not answered
+        leases.answered(a)
+        assert not leases.in_use("a") and not await leases.release("a")
+
+        b = leases.begin("b", b"")
+        b.open(0.05, 0)
+        await b.grant([3])
+        leases.answered(b)
+        assert leases.running() == frozenset() and len(leases) == 1
+        await asyncio.sleep(0.2)
+        assert b.state is LeaseState.EXPIRED and freed == ["a", "b"] and not leases.in_use("b")
+        assert all(s.leased_blocks() == 0 for s in sources)
+
+        c = leases.begin("c", b"")
+        c.open(60.0, 0)
+        await c.grant([4])
+        leases.answered(c)
+        assert leases.adopt("c") and c.state is LeaseState.RELEASED and freed == ["a", "b"]  # handed over
+        assert not leases.adopt("c") and len(leases) == 0
+
+    asyncio.run(main())
+
+
+def test_release_while_ranks_are_told_raises_lease_lost_and_drop_frees_again() -> None:
+    from prefill_worker.lease import LeaseLost, Leases
+
+    async def main() -> None:
+        sources, ranks = _source_ranks(1, delay=0.05)
+        freed: list[str] = []
+        leases = Leases(ranks, freed.append)
+        lease = leases.begin("r", b"")
+        lease.open(60.0, 0)
+        grant = asyncio.ensure_future(lease.grant([5, 6]))
+        await leases.release("r")  # lands before the rank's lease call ran
+        with pytest.raises(LeaseLost):
+            await grant
+        assert sources[0].leased_blocks() == 2  # the rank was told after the release's unlease
+        await lease.drop()
+        assert sources[0].leased_blocks() == 0 and freed == ["r", "r"]
+
+    asyncio.run(main())
