@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from engine.attention import AttnMetadata
 from engine.kv_cache import CacheConfig, allocate_kv
+from engine.model import build_engine_model
 from engine.model_runner import StepInputs
 from engine.tp import TPInfo
 
@@ -137,8 +138,6 @@ class Follower:
         device: torch.device | str = "cpu",
         quantization: str = "none",
     ) -> None:
-        from engine.engine import build_engine_model
-
         self.tp = tp
         self.device = torch.device(device)
         self.model = build_engine_model(model_dir, dtype, tp, self.device, quantization)

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from engine.config import ModelConfig, load_config
+from engine.distributed import StepBroadcaster
 from engine.finish import FinishReason
 from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_bytes
+from engine.model import build_engine_model
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from engine.stop import StopStrings
+from engine.tokenizer import Tokenizer
 from engine.tp import TPInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,21 +62,6 @@ class StepOutput:
     finish_reason: FinishReason | None  # None: the request goes on
 
 
-def build_engine_model(
-    model_dir: str | Path, dtype: torch.dtype, tp: TPInfo | None, device: torch.device, quantization: str
-) -> Any:
-    """build_model plus the quantization hook (engine.quant, applied layer by layer while loading)."""
-    from engine.model import build_model
-
-    hook = None
-    if quantization != "none":
-        from engine.quant import QuantConfig, check_supported, quantize_layer_fn
-
-        check_supported(quantization, device)
-        hook = quantize_layer_fn(QuantConfig(method=quantization))  # type: ignore[arg-type]
-    return build_model(model_dir, dtype, tp, device=device, quantize_layer=hook)
-
-
 def resolve_cache_config(cfg: EngineConfig, model_cfg: ModelConfig, tp_size: int) -> CacheConfig:
     """The cache every rank allocates (explicit num_blocks, else sized from kv_cache_bytes)."""
     if cfg.num_blocks is not None:
@@ -84,12 +70,6 @@ def resolve_cache_config(cfg: EngineConfig, model_cfg: ModelConfig, tp_size: int
     max_len = cfg.max_model_len or model_cfg.max_position_embeddings
     useful = cfg.max_num_seqs * -(-max_len // cfg.block_size)
     return CacheConfig(cfg.block_size, max(1, min(cfg.kv_cache_bytes // per_block, useful)))
-
-
-def _load_tokenizer(model_dir: str) -> Any:
-    from engine.tokenizer import Tokenizer
-
-    return Tokenizer.from_model_dir(model_dir)
 
 
 class LLMEngine:
@@ -106,7 +86,7 @@ class LLMEngine:
         self.model_config = load_config(config.model)
         self.cache_config = cache_config or resolve_cache_config(config, self.model_config, tp_size)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.tokenizer = _load_tokenizer(config.model)
+        self.tokenizer = Tokenizer.from_model_dir(config.model)
         self._stop_strings = StopStrings(self.tokenizer)
         device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
@@ -114,8 +94,6 @@ class LLMEngine:
         self.kv = allocate_kv(self.model_config, self.cache_config, tp_size, dtype, device)
         self.broadcaster = None
         if tp is not None and tp.world_size > 1:
-            from engine.distributed import StepBroadcaster
-
             self.broadcaster = StepBroadcaster(tp, device)
         self.runner = ModelRunner(self.model, self.kv, self.cache_config.block_size, self.broadcaster)
         self.allocator = BlockAllocator(self.cache_config.num_blocks, self.cache_config.block_size)

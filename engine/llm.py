@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import load_config
+from engine.distributed import run_follower
 from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config
 from engine.finish import FinishReason
 from engine.kv_cache import CacheConfig
@@ -52,8 +53,6 @@ def _follower_main(
     started: Connection,
 ) -> None:
     """Entry point of a spawned TP rank."""
-    from engine.distributed import run_follower
-
     torch.set_num_threads(threads)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=60))
     started.send_bytes(b"")  # reached the store: rank 0 may join the group

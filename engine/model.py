@@ -19,7 +19,9 @@ from torch import nn
 
 from engine.attention import AttnMetadata, AttnPlan, GatherBuffers, paged_attention, plan_attention
 from engine.config import ModelConfig, load_config
-from engine.tp import TPInfo
+from engine.loader import load_weights
+from engine.quant import QuantConfig, check_supported, quantize_layer_fn
+from engine.tp import TPInfo, apply_tp
 
 
 class RMSNorm(nn.Module):
@@ -198,9 +200,6 @@ def build_model(
 ) -> LlamaModel:
     """Build on the meta device, shard for `tp` (apply_tp), then load only this rank's slices
     layer by layer; `quantize_layer(layer)` runs on each decoder layer right after it is loaded."""
-    from engine.loader import load_weights
-    from engine.tp import apply_tp
-
     cfg = load_config(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -208,3 +207,14 @@ def build_model(
         apply_tp(model, tp)
     load_weights(model, model_dir, dtype, tp, device=device, quantize_layer=quantize_layer)
     return model.eval()
+
+
+def build_engine_model(
+    model_dir: str | Path, dtype: torch.dtype, tp: TPInfo | None, device: torch.device, quantization: str
+) -> LlamaModel:
+    """build_model plus the quantization hook (engine.quant, applied layer by layer while loading)."""
+    hook = None
+    if quantization != "none":
+        check_supported(quantization, device)
+        hook = quantize_layer_fn(QuantConfig(method=quantization))  # type: ignore[arg-type]
+    return build_model(model_dir, dtype, tp, device=device, quantize_layer=hook)
