@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ModelConfig, load_config
+from engine.config import EngineConfig, ModelConfig, load_config
 from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_bytes
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -31,25 +31,6 @@ from engine.tp import TPInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FINISH_PREFILLED = "prefilled"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model: str
-    dtype: str = "float32"
-    block_size: int = 16
-    num_blocks: int | None = None  # None: fit kv_cache_bytes (capped at what max_num_seqs can use)
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    quantization: str = "none"
-    seed: int = 0
-    device: str = "cpu"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    kv_cache_bytes: int = 1 << 30
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(slots=True)
