@@ -18,11 +18,15 @@ import yaml
 from decode_worker.config import DecodeWorkerConfig
 from deploy.validator import FloatMap, default_of, opt, section
 from deploy.yaml_io import to_plain
-from engine.config import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, EngineConfig
+from engine.config import (
+    BLOCK_SIZE,
+    DEFAULT_MODEL_DIR,
+    MAX_NUM_BATCHED_TOKENS,
+    MAX_NUM_SEQS,
+    EngineConfig,
+)
 from prefill_worker.config import PrefillWorkerConfig
 from router.config import RouterConfig
-
-DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["cpu", "cuda"]
@@ -40,7 +44,7 @@ def _router(name: str) -> Any:
 class ModelSection:
     path: str = opt(DEFAULT_MODEL_DIR, "Hugging Face model directory (config.json, *.safetensors, "
                     "tokenizer.json); a relative path is relative to the YAML file",
-                    nonempty=True, shown="`deploy/default_model` (bundled tiny model)")
+                    nonempty=True, shown="`engine/default_model` (bundled tiny model)")
     dtype: Dtype = opt(default_of(EngineConfig, "dtype"), "weights, activations and KV cache dtype of both pools")
     block_size: int = opt(BLOCK_SIZE, "tokens per KV block, shared by both pools", ge=1, le=1024)
     max_model_len: int | None = opt(None, "longest prompt + completion accepted, in tokens",

@@ -16,6 +16,7 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")  # bundled tiny Llama
 
 BLOCK_SIZE = 16  # tokens per KV block
 MAX_NUM_BATCHED_TOKENS = 512  # tokens per forward step (the prefill chunk)

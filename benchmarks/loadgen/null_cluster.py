@@ -12,7 +12,7 @@ side is one of
 Both are plain grpc.aio servers on 127.0.0.1:0 that heartbeat a WorkerStatus into the router's
 Registry, like the real replicas; the router (validation, admission, picking, streaming) is real.
 
-`python -m deploy.benchmark.null_cluster --role router|workers|both` runs one part in its own
+`python -m benchmarks.loadgen.null_cluster --role router|workers|both` runs one part in its own
 process (benchmarks put the client, the router and the workers in separate processes) and prints
 `ROUTER host:port REGISTRY host:port` (plus `HTTP host:port` with `--http-port`) once serving; it
 stops when stdin closes.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 
-from deploy.benchmark.null_engine import add_null_engine_decode
+from benchmarks.loadgen.null_engine import add_null_engine_decode
 from engine.async_engine import AsyncEngine
 from router.config import RouterConfig
 from router.server import RouterServer
@@ -230,7 +230,7 @@ def null_processes_http(decode: DecodeMode = 1, timeout: float = 60.0,
     """null_processes, the router also serving OpenAI HTTP: yields (gRPC address, HTTP address)."""
     from router.client import wait_healthy
 
-    cmd = [sys.executable, "-m", "deploy.benchmark.null_cluster"]
+    cmd = [sys.executable, "-m", "benchmarks.loadgen.null_cluster"]
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     extra = ["--http-port", "0"] if http else []
     router = subprocess.Popen([*cmd, "--role", "router", *extra], stdin=subprocess.PIPE,
