@@ -18,13 +18,7 @@ import yaml
 from decode_worker.config import DecodeWorkerConfig
 from deploy.validator import FloatMap, default_of, opt, section
 from deploy.yaml_io import to_plain
-from engine.config import (
-    BLOCK_SIZE,
-    DEFAULT_MODEL_DIR,
-    MAX_NUM_BATCHED_TOKENS,
-    MAX_NUM_SEQS,
-    EngineConfig,
-)
+from engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from prefill_worker.config import PrefillWorkerConfig
 from router.config import RouterConfig
 
@@ -36,6 +30,10 @@ Backend = Literal["ucx", "torch"]
 ServingMode = Literal["disaggregated", "colocated"]
 
 
+def _engine(name: str) -> Any:
+    return default_of(EngineConfig, name)
+
+
 def _router(name: str) -> Any:
     return default_of(RouterConfig, name)
 
@@ -45,8 +43,9 @@ class ModelSection:
     path: str = opt(DEFAULT_MODEL_DIR, "Hugging Face model directory (config.json, *.safetensors, "
                     "tokenizer.json); a relative path is relative to the YAML file",
                     nonempty=True, shown="`engine/default_model` (bundled tiny model)")
-    dtype: Dtype = opt(default_of(EngineConfig, "dtype"), "weights, activations and KV cache dtype of both pools")
-    block_size: int = opt(BLOCK_SIZE, "tokens per KV block, shared by both pools", ge=1, le=1024)
+    dtype: Dtype = opt(_engine("dtype"), "weights, activations and KV cache dtype of both pools")
+    block_size: int = opt(_engine("block_size"), "tokens per KV block, shared by both pools",
+                          ge=1, le=1024)
     max_model_len: int | None = opt(None, "longest prompt + completion accepted, in tokens",
                                     ge=1, shown="model's `max_position_embeddings`")
     name: str | None = opt(None, "the served model's id: the `model` of OpenAI requests and what "
@@ -78,26 +77,29 @@ class RouterSection:
     host: str = opt(_router("host"), "interface the public gRPC and HTTP servers bind to",
                     nonempty=True)
     port: int = opt(_router("port"), "public gRPC port (0 = pick a free one)", ge=0, le=65535)
-    internal_host: str = opt(_router("internal_host"), "interface of the internal registry server workers "
-                             "heartbeat to (`auto` = this node's IP as Ray reports it)",
+    internal_host: str = opt(_router("internal_host"), "interface of the internal registry server "
+                             "workers heartbeat to (`auto` = this node's IP as Ray reports it)",
                              nonempty=True)
-    max_inflight: int = opt(_router("max_inflight"), "requests admitted at once; more get RESOURCE_EXHAUSTED", ge=1)
-    max_queued_prompt_tokens: int = opt(_router("max_queued_prompt_tokens"), "prompt tokens waiting for prefill before "
-                                        "admission refuses new requests", ge=1)
-    default_max_tokens: int = opt(_router("default_max_tokens"), "`max_tokens` of a request that sets none", ge=1)
-    heartbeat_seconds: float = opt(_router("heartbeat_seconds"), "replica heartbeat period; a replica silent for 3 "
-                                   "periods is forgotten", gt=0)
-    api_keys: tuple[str, ...] = opt(_router("api_keys"), "accepted `authorization: Bearer <key>` values; "
-                                    "empty = no auth")
+    max_inflight: int = opt(_router("max_inflight"), "requests admitted at once; more get "
+                            "RESOURCE_EXHAUSTED", ge=1)
+    max_queued_prompt_tokens: int = opt(_router("max_queued_prompt_tokens"), "prompt tokens "
+                                        "waiting for prefill before admission refuses new "
+                                        "requests", ge=1)
+    default_max_tokens: int = opt(_router("default_max_tokens"), "`max_tokens` of a request that "
+                                  "sets none", ge=1)
+    heartbeat_seconds: float = opt(_router("heartbeat_seconds"), "replica heartbeat period; a "
+                                   "replica silent for 3 periods is forgotten", gt=0)
+    api_keys: tuple[str, ...] = opt(_router("api_keys"), "accepted `authorization: Bearer <key>` "
+                                    "values; empty = no auth")
     tls: TLSSection = section(TLSSection, "TLS for the public ports (all null = plaintext)")
     http: HttpSection = section(HttpSection, "the OpenAI-compatible HTTP door into the same "
                                "request flow")
     metrics_port: int | None = opt(None, "Prometheus `/metrics` over HTTP on `host` (TTFT/TPOT/ITL "
                                    "histograms, queues, KV use, KV transfers; 0 = pick a free "
                                    "port); null = off", ge=0, le=65535)
-    migration: bool = opt(_router("migration"), "a decode replica that dies mid-stream: prefill the prompt + the "
-                          "tokens already sent again and continue on another replica (false = "
-                          "the request ends UNAVAILABLE)")
+    migration: bool = opt(_router("migration"), "a decode replica that dies mid-stream: prefill "
+                          "the prompt + the tokens already sent again and continue on another "
+                          "replica (false = the request ends UNAVAILABLE)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +138,10 @@ class PrefillSection:
     tensor_parallel_size: TPSize = opt(2, "ranks (processes) per prefill replica")
     replicas: int = opt(1, "replicas at start", ge=1)
     num_kv_blocks: int = opt(1024, "KV blocks per rank", ge=1)
-    max_num_batched_tokens: int = opt(MAX_NUM_BATCHED_TOKENS, "prompt tokens per forward step (chunked prefill)", ge=1)
+    max_num_batched_tokens: int = opt(_engine("max_num_batched_tokens"), "prompt tokens per "
+                                      "forward step (chunked prefill)", ge=1)
     torch_threads: int = opt(1, "`torch.set_num_threads` per rank", ge=1)
-    device: Device = opt(default_of(EngineConfig, "device"), "where the ranks run")
+    device: Device = opt(_engine("device"), "where the ranks run")
     resources: ResourcesSection = section(ResourcesSection, "Ray resources of each rank")
     autoscaling: PrefillAutoscaling | None = opt(None, "queue-driven autoscaling; null = fixed "
                                                  "`replicas`, `{}` = on with defaults")
@@ -150,12 +153,12 @@ class PrefillSection:
 class DecodeSection:
     tensor_parallel_size: TPSize = opt(1, "ranks per decode replica")
     replicas: int = opt(1, "replicas at start", ge=1)
-    quantization: Quantization = opt(default_of(EngineConfig, "quantization"), "decode weights: `int8` weight-only (CPU or GPU), "
-                                     "`fp8` (Hopper/Ada GPU only)")
+    quantization: Quantization = opt(_engine("quantization"), "decode weights: `int8` weight-only "
+                                     "(CPU or GPU), `fp8` (Hopper/Ada GPU only)")
     num_kv_blocks: int = opt(2048, "KV blocks per rank", ge=1)
-    max_num_seqs: int = opt(MAX_NUM_SEQS, "most sequences in the running batch", ge=1)
+    max_num_seqs: int = opt(_engine("max_num_seqs"), "most sequences in the running batch", ge=1)
     torch_threads: int = opt(1, "`torch.set_num_threads` per rank", ge=1)
-    device: Device = opt(default_of(EngineConfig, "device"), "where the ranks run")
+    device: Device = opt(_engine("device"), "where the ranks run")
     resources: ResourcesSection = section(ResourcesSection, "Ray resources of each rank")
     autoscaling: DecodeAutoscaling | None = opt(None, "KV-use-driven autoscaling; null = fixed "
                                                 "`replicas`, `{}` = on with defaults")
@@ -171,17 +174,19 @@ class DecodeSection:
 class KVTransferSection:
     backend: Backend = opt("ucx", "`ucx` (ucxx: shm/tcp/cuda_ipc/RDMA) or `torch` "
                            "(torch.distributed: gloo on CPU, NCCL on GPU)")
-    lease_seconds: float = opt(default_of(PrefillWorkerConfig, "lease_seconds"), "prefill keeps a request's KV blocks this long for the pull",
-                               gt=0)
-    timeout_seconds: float = opt(default_of(DecodeWorkerConfig, "transfer_timeout_seconds"), "decode gives up on a pull after this long", gt=0)
+    lease_seconds: float = opt(default_of(PrefillWorkerConfig, "lease_seconds"), "prefill keeps a "
+                               "request's KV blocks this long for the pull", gt=0)
+    timeout_seconds: float = opt(default_of(DecodeWorkerConfig, "transfer_timeout_seconds"),
+                                 "decode gives up on a pull after this long", gt=0)
     streaming: bool = opt(False, "chunk-wise KV streaming: decode pulls each prefill chunk's KV "
                           "while the next chunk is computed (`prefill.max_num_batched_tokens` "
                           "per pull), hiding the transfer behind prefill")
-    same_host_read: bool = opt(default_of(DecodeWorkerConfig, "kv_same_host_read"), "ucx, CPU caches: a decode rank on the prefill rank's host "
-                               "copies the blocks out of the prefill's KV pool itself (a memfd "
-                               "it maps read-only through /proc; same user and pid namespace), "
-                               "one memcpy instead of the UCX payload; falls back to the "
-                               "payload where it cannot map the pool")
+    same_host_read: bool = opt(default_of(DecodeWorkerConfig, "kv_same_host_read"), "ucx, CPU "
+                               "caches: a decode rank on the prefill rank's host copies the "
+                               "blocks out of the prefill's KV pool itself (a memfd it maps "
+                               "read-only through /proc; same user and pid namespace), one "
+                               "memcpy instead of the UCX payload; falls back to the payload "
+                               "where it cannot map the pool")
     host: str = opt("127.0.0.1", "interface KV sources bind to (`auto` = this node's IP as Ray "
                     "reports it; needed across nodes)", nonempty=True)
 

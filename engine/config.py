@@ -16,8 +16,8 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _DEFAULT_ROPE_THETA = 10000.0
-DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")  # bundled tiny Llama
 
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")  # the bundled tiny Llama
 BLOCK_SIZE = 16  # tokens per KV block
 MAX_NUM_BATCHED_TOKENS = 512  # tokens per forward step (the prefill chunk)
 MAX_NUM_SEQS = 64  # sequences in the running batch
@@ -39,7 +39,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPE_NAMES)}, "
+                             f"got {self.dtype!r}")
 
 
 class CheckpointError(ValueError):

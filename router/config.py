@@ -27,7 +27,8 @@ class RouterConfig:
     max_inflight: int = 256          # admitted requests not finished
     max_queued_prompt_tokens: int = 65536  # prompt tokens of admitted requests still in prefill
     default_max_tokens: int = DEFAULT_MAX_TOKENS
-    heartbeat_seconds: float = 1.0   # a replica silent for 3 x this is forgotten (also the pools')
+    heartbeat_seconds: float = 1.0   # a replica silent for 3 x this is forgotten; deploy/ gives
+    #   the pools the same period
     affinity_max_imbalance_tokens: int = 2048  # prefix affinity yields to load beyond this gap
     affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
     worker_retries: int = 2          # extra attempts on other replicas (UNAVAILABLE / RESOURCE_EXHAUSTED)
