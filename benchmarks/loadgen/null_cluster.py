@@ -35,11 +35,12 @@ from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 
 from benchmarks.loadgen.null_engine import add_null_engine_decode
 from engine.async_engine import AsyncEngine
+from engine.config import BLOCK_SIZE
 from router.config import RouterConfig
 from router.server import RouterServer
 
 VOCAB = 32000
-BLOCK_SIZE = 16
+HEARTBEAT_S = 0.2  # in one process: beat often, so a started cluster is ready soon
 # Separate processes under full load: a worker's loop can be busy for a while, and a replica silent
 # for 3 heartbeats is forgotten (requests then fail UNAVAILABLE), so beat less eagerly than tests do.
 PROCESS_HEARTBEAT_S = 1.0
@@ -140,7 +141,7 @@ class NullCluster:
 
 
 async def start_null_router(max_inflight: int = 4096, context_len: int = 1 << 16,
-                            heartbeat_seconds: float = 0.2, http_port: int | None = None) -> RouterServer:
+                            heartbeat_seconds: float = HEARTBEAT_S, http_port: int | None = None) -> RouterServer:
     """The real router on 127.0.0.1:0, no tokenizer (token ids in and out, empty text); with
     `http_port` (0 = a free one) also its OpenAI HTTP door."""
     config = RouterConfig(vocab_size=VOCAB, context_len=context_len, block_size=BLOCK_SIZE, port=0,
@@ -152,7 +153,7 @@ async def start_null_router(max_inflight: int = 4096, context_len: int = 1 << 16
 
 
 async def start_null_workers(registry_address: str, decode: DecodeMode = 1,
-                             heartbeat_seconds: float = 0.2) -> list[NullWorker]:
+                             heartbeat_seconds: float = HEARTBEAT_S) -> list[NullWorker]:
     workers = [NullWorker("null-prefill", prefill=True), NullWorker("null-decode", False, decode)]
     for w in workers:
         await w.start(registry_address, heartbeat_seconds)
@@ -168,7 +169,7 @@ async def wait_serving(router: RouterServer, timeout: float) -> None:
 
 
 async def start_null_cluster(decode: DecodeMode = 1, max_inflight: int = 4096,
-                             heartbeat_seconds: float = 0.2, timeout: float = 10.0) -> NullCluster:
+                             heartbeat_seconds: float = HEARTBEAT_S, timeout: float = 10.0) -> NullCluster:
     """Router + one null replica per pool, all on this event loop."""
     router = await start_null_router(max_inflight, heartbeat_seconds=heartbeat_seconds)
     cluster = NullCluster(router, [], router.address)
