@@ -24,27 +24,18 @@ from pathlib import Path
 from deploy.schema import (
     DEFAULT_MODEL_DIR,
     DecodeAutoscaling,
-    DecodeSection,
     DeployConfig,
-    HttpSection,
-    KVTransferSection,
     ModelSection,
     PrefillAutoscaling,
-    PrefillSection,
-    RaySection,
-    ResourcesSection,
-    RouterSection,
-    TLSSection,
 )
 from deploy.validator import ConfigError, Issue, line_of, validate
 from deploy.yaml_io import apply_overrides, diff_plain, parse_yaml, reference_rows
 
+# The names importers use, whether defined here or in the schema / validator modules.
 __all__ = [
-    "DEFAULT_MODEL_DIR", "ConfigError", "DecodeAutoscaling", "DecodeSection", "DeployConfig",
-    "HttpSection", "Issue", "KVTransferSection", "ModelSection", "PrefillAutoscaling",
-    "PrefillSection", "RaySection", "ResourcesSection", "RouterSection", "TLSSection",
-    "apply_overrides", "check_against_model", "check_model_dir", "diff_configs", "load_config",
-    "parse_config", "reference_table",
+    "DEFAULT_MODEL_DIR", "ConfigError", "DecodeAutoscaling", "DeployConfig", "Issue",
+    "PrefillAutoscaling", "apply_overrides", "check_against_model", "check_model_dir",
+    "diff_configs", "load_config", "parse_config", "reference_table",
 ]
 
 

@@ -38,7 +38,8 @@ from ray import serve
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_config
-from deploy.config import DeployConfig, ResourcesSection
+from deploy.config import DeployConfig
+from deploy.schema import ResourcesSection
 from engine.config import EngineConfig
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
