@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdserve.v1 import router_pb2_grpc  # noqa: E402
 
-from deploy.benchmark.null_cluster import null_processes  # noqa: E402
+from benchmarks.loadgen.null_cluster import null_processes  # noqa: E402
 from router.client import build_request  # noqa: E402
 
 Stream = Callable[[int], AsyncIterator[int]]

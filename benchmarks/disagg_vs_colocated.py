@@ -9,13 +9,13 @@ Both deployments get the same two cores (--cores, default 0,1) and the same mode
                  engine chunk-prefills new prompts (--chunk tokens per step) between decode steps,
                  as a plain vLLM server does.
 Each is started with `pdserve up` in its own process and loaded with `pdserve bench` code
-(deploy.benchmark): the mixed dataset (long-prompt/short-answer and short-prompt/long-answer
+(benchmarks.loadgen): the mixed dataset (long-prompt/short-answer and short-prompt/long-answer
 requests, seeded) as Poisson arrivals at each --rates value. Reported: p99 ITL and goodput at the
 TTFT+TPOT SLO per rate, their disaggregated/colocated ratios, and goodput at tighter and looser
 SLOs (the SLO scaled by 0.5..4, from the same records). The router and the bench client are not
 pinned: they share the cores with the workers in both runs alike.
 
-Model: --model DIR, else deploy/default_model when it holds the workload's longest request, else a
+Model: --model DIR, else engine/default_model when it holds the workload's longest request, else a
 random-weight Llama of its shape with 2048 positions (hidden 256, 4 layers, 8 heads, 4 KV heads)
 written with engine.make_model's parts. A workload whose longest request (prompt + answer, after the
 dataset's length jitter) does not fit the model is refused before anything starts: the server would
@@ -45,10 +45,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
-from deploy.benchmark.report import format_table, write_json  # noqa: E402
-from deploy.benchmark.runner import RunResult, run_bench  # noqa: E402
-from deploy.benchmark.stats import meets_slo, percentile  # noqa: E402
+from benchmarks.loadgen.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
+from benchmarks.loadgen.report import format_table, write_json  # noqa: E402
+from benchmarks.loadgen.runner import RunResult, run_bench  # noqa: E402
+from benchmarks.loadgen.stats import meets_slo, percentile  # noqa: E402
 from deploy.config import DEFAULT_MODEL_DIR  # noqa: E402
 from engine.config import load_config as load_model_config  # noqa: E402
 
@@ -67,14 +67,14 @@ def longest_request(args: argparse.Namespace, range_ratio: float) -> int:
 
 
 def model_dir(scratch: Path, args: argparse.Namespace, needed: int) -> str:
-    """--model, else deploy/default_model if it holds `needed` tokens, else a random model of its
+    """--model, else engine/default_model if it holds `needed` tokens, else a random model of its
     shape with 2048 positions. Exits with a message when the chosen model cannot hold the workload."""
     if args.model:
         return _holding(args.model, needed)
     default = Path(DEFAULT_MODEL_DIR)
     if (default / "config.json").exists() and load_model_config(str(default)).max_position_embeddings >= needed:
         return str(default)
-    print("a random model of deploy/default_model's shape with 2048 positions", file=sys.stderr)
+    print("a random model of engine/default_model's shape with 2048 positions", file=sys.stderr)
     return _holding(_random_model(scratch), needed)
 
 

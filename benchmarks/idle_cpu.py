@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.idle import (  # noqa: E402
+from benchmarks.loadgen.idle import (  # noqa: E402
     IdleReport,
     format_report,
     measure,

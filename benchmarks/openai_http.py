@@ -4,7 +4,7 @@ aiohttp vs Starlette + uvicorn, streaming the same SSE chunks.
 
     python benchmarks/openai_http.py [--tokens 2000] [--repeats 3] [--out docs/figures]
 
-Doors: the null router (deploy/benchmark/null_cluster.py: the real router, model-free workers) runs
+Doors: the null router (benchmarks/loadgen/null_cluster.py: the real router, model-free workers) runs
 in one process with both doors open, the null workers in another, the client in this one. Two decode
 modes: `engine` (the real DecodeService over a NullEngine: tokens leave per engine step, merged
 when they pile up, as with a real model) and `1/msg` (one token per message: the worst case, every
@@ -105,7 +105,7 @@ async def _doors(grpc_address: str, http_address: str, tokens: int) -> dict[str,
 
 
 def measure_doors(tokens: int, repeats: int) -> dict[str, list[float]]:
-    from deploy.benchmark.null_cluster import null_processes_http  # imports torch: not in --serve
+    from benchmarks.loadgen.null_cluster import null_processes_http  # imports torch: not in --serve
 
     runs: dict[str, list[float]] = {}
     for _ in range(repeats):

@@ -5,8 +5,8 @@ client's capacity: it must sustain 10x the measured request rate against a null-
     python benchmarks/serving_latency.py [--num-requests 32] [--input-len 64] [--output-len 32] [--out DIR]
 
 1. `pdserve up` (the embedded default config: prefill TP=2, one decode replica, the default model;
-   `engine.make_model` tiny when deploy/default_model holds no checkpoint yet) in its own process.
-2. `pdserve bench` code (deploy.benchmark) at concurrency 1, 4, 16: fixed-length prompts and answers.
+   `engine.make_model` tiny when engine/default_model holds no checkpoint yet) in its own process.
+2. `pdserve bench` code (benchmarks.loadgen) at concurrency 1, 4, 16: fixed-length prompts and answers.
 3. A mixed workload (long-prompt/short-answer and short-prompt/long-answer) as Poisson arrivals at
    0.25, 0.5, 1 and 1.5x the rate of step 2: goodput under --slo-ttft-ms / --slo-tpot-ms.
 4. The null router + null workers (the real DecodeService on a NullEngine) in their own processes;
@@ -33,11 +33,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
-from deploy.benchmark.null_cluster import null_processes  # noqa: E402
-from deploy.benchmark.plots import write_plots  # noqa: E402
-from deploy.benchmark.report import finite, format_table, run_json  # noqa: E402
-from deploy.benchmark.runner import RunResult, run_bench  # noqa: E402
+from benchmarks.loadgen.config import SLO, BenchConfig, DatasetConfig, Load  # noqa: E402
+from benchmarks.loadgen.null_cluster import null_processes  # noqa: E402
+from benchmarks.loadgen.plots import write_plots  # noqa: E402
+from benchmarks.loadgen.report import finite, format_table, run_json  # noqa: E402
+from benchmarks.loadgen.runner import RunResult, run_bench  # noqa: E402
 from deploy.config import DEFAULT_MODEL_DIR  # noqa: E402
 from engine.config import load_config as load_model_config  # noqa: E402
 
@@ -50,7 +50,7 @@ def model_dir(scratch: Path) -> str:
         return DEFAULT_MODEL_DIR
     from engine.make_model import make_model
 
-    print("deploy/default_model has no checkpoint yet: using engine.make_model tiny", file=sys.stderr)
+    print("engine/default_model has no checkpoint yet: using engine.make_model tiny", file=sys.stderr)
     return str(make_model(scratch / "tiny", arch="llama", size="tiny"))
 
 

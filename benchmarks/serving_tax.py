@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.benchmark.idle import TICKS, command, cpu_ticks, descendants, is_pdserve, pdserve_up  # noqa: E402
+from benchmarks.loadgen.idle import TICKS, command, cpu_ticks, descendants, is_pdserve, pdserve_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "deploy" / "examples" / "local-cpu.yaml")

@@ -29,8 +29,9 @@ from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from decode_worker.server import DecodeService, Pull, Release, abort_call
 from engine.async_engine import AsyncEngine, RequestStream
+from engine.config import load_config
 from engine.distributed import GroupSpec
-from engine.kv_cache import CacheConfig
+from engine.engine import resolve_cache_config
 from engine.sampling import SamplingParams
 from kv_transfer import make_puller
 from kv_transfer.handle import KVHandle
@@ -44,7 +45,7 @@ PULL_FIELDS = ("kv_pulls", "kv_pull_bytes", "kv_pull_seconds", "kv_pull_latency_
 @dataclass(frozen=True, slots=True)
 class ColocatedWorkerConfig:
     decode: DecodeWorkerConfig  # the engine (max_num_batched_tokens = the prefill chunk), KV, pulls
-    lease_seconds: float = 30.0  # a held prompt's blocks are freed if no Decode adopts them by then
+    lease_seconds: float  # a held prompt's blocks are freed if no Decode adopts them by then
     announce_prefill: bool = True  # also heartbeat as a PREFILL replica (serving_mode: colocated)
 
 
@@ -115,13 +116,13 @@ class ColocatedReplica(DecodeReplica):
         self.stats = LocalStats()
 
     async def start(self) -> str:
-        cache = CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks)
+        cache = resolve_cache_config(self.cfg.engine, load_config(self.cfg.engine.model), 1)
         llm = await asyncio.to_thread(self._build_engine, GroupSpec("", 1, cache))
         self.engine = engine = AsyncEngine(llm, asyncio.get_running_loop())
         self.puller = make_puller(self.cfg.kv_backend, llm.kv, 0, 1, llm.model_config.num_kv_heads,
                                   same_host_read=self.cfg.kv_same_host_read)
         self.prefill_service = PrefillService(engine, [_in_place(self.endpoint)],
-                                              self.colocated.lease_seconds, self.cfg.dtype)
+                                              self.colocated.lease_seconds, self.cfg.engine.dtype)
         self.service = ColocatedDecodeService(
             self.prefill_service, self.endpoint, self.stats, engine, self._pull, self._release,
             self.cfg.transfer_timeout_seconds, self.cfg.admission_wait_seconds,

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeWorkerConfig:
-    model_path: str
-    dtype: str = "float32"
-    quantization: str = "none"
+    engine: EngineConfig  # what rank 0 builds and every rank loads (model, dtype, quantization, KV)
     tensor_parallel_size: int = 1
-    block_size: int = 16
-    num_kv_blocks: int = 2048
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
     torch_threads: int = 1
-    device: str = "cpu"
     host: str = "127.0.0.1"  # the interface this replica's gRPC server binds to
     registry_address: str = ""
-    heartbeat_seconds: float = 0.5
+    heartbeat_seconds: float = field(kw_only=True)  # deploy/ passes the router's period
     kv_backend: str = "ucx"
     kv_same_host_read: bool = True  # ucx: copy from a same-host prefill rank's mapped pool
     transfer_timeout_seconds: float = 10.0

@@ -47,9 +47,10 @@ class DecodeRank:
         self.thread.start()
 
     def _build(self) -> Follower:
-        tp = init_group(self.spec, self.rank, self.cfg.device)
-        return Follower(self.cfg.model_path, DTYPES[self.cfg.dtype], tp, self.spec.cache,
-                        device=self.cfg.device, quantization=self.cfg.quantization)
+        engine = self.cfg.engine
+        tp = init_group(self.spec, self.rank, engine.device)
+        return Follower(engine.model, DTYPES[engine.dtype], tp, self.spec.cache,
+                        device=engine.device, quantization=engine.quantization)
 
     async def pull(self, handle: bytes, blocks: list[int], timeout: float, first_block: int) -> None:
         """This rank's heads of a request's KV into kv[blocks]; first_block >= 0: a chunk of a

@@ -28,10 +28,10 @@ from decode_worker.config import DecodeWorkerConfig
 from decode_worker.rank import DecodeRank, RankPulls
 from decode_worker.server import SERVER_OPTIONS, DecodeService
 from engine.async_engine import AsyncEngine
+from engine.config import load_config
 from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
-from engine.engine import EngineConfig, LLMEngine
-from engine.kv_cache import CacheConfig
+from engine.engine import LLMEngine, resolve_cache_config
 from kv_transfer import make_puller
 from kv_transfer.handle import KVHandle
 from kv_transfer.puller import KVPuller
@@ -75,8 +75,8 @@ class DecodeReplica:
         self.ranks = RankPulls([])
 
     async def start(self) -> str:
-        cache = CacheConfig(self.cfg.block_size, self.cfg.num_kv_blocks)
         world = self.cfg.tensor_parallel_size
+        cache = resolve_cache_config(self.cfg.engine, load_config(self.cfg.engine.model), world)
         spec = GroupSpec(f"tcp://{self.cfg.host}:{free_port(self.cfg.host)}", world, cache)
         followers = [self._spawn(rank, spec) for rank in range(1, world)]
         self.ranks = RankPulls(followers)
@@ -99,18 +99,8 @@ class DecodeReplica:
         return self.address
 
     def _build_engine(self, spec: GroupSpec) -> LLMEngine:
-        tp = init_group(spec, 0, self.cfg.device) if spec.world_size > 1 else None
-        config = EngineConfig(
-            model=self.cfg.model_path,
-            dtype=self.cfg.dtype,
-            block_size=self.cfg.block_size,
-            num_blocks=self.cfg.num_kv_blocks,
-            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-            max_num_seqs=self.cfg.max_num_seqs,
-            quantization=self.cfg.quantization,
-            device=self.cfg.device,
-        )
-        return LLMEngine(config, tp, spec.cache)
+        tp = init_group(spec, 0, self.cfg.engine.device) if spec.world_size > 1 else None
+        return LLMEngine(self.cfg.engine, tp, spec.cache)
 
     def _spawn(self, rank: int, spec: GroupSpec) -> Any:
         import ray
@@ -164,8 +154,8 @@ class DecodeReplica:
         ready = self.engine is not None and self.engine.error is None and self.address != ""
         st = worker_pb2.WorkerStatus(
             replica_id=replica_id, role=worker_pb2.WorkerStatus.DECODE, address=self.address, ready=ready,
-            tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
-            quantization=self.cfg.quantization,
+            tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.engine.block_size, kv_dtype=self.cfg.engine.dtype,
+            quantization=self.cfg.engine.quantization,
         )
         if self.engine is not None:
             engine = self.engine

@@ -108,7 +108,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from deploy.bench import main as bench_main
+    from benchmarks.loadgen.cli import main as bench_main
 
     return bench_main(args.rest)
 
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the load generator parses its own options (many start with --)
         _quiet_logs()
-        from deploy.bench import main as bench_main
+        from benchmarks.loadgen.cli import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

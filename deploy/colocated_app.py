@@ -88,8 +88,8 @@ class ColocatedDeployment(_PoolReplica):
 
 def colocated_worker_config(cfg: DeployConfig, registry: str) -> ColocatedWorkerConfig:
     decode = decode_worker_config(cfg, registry)
-    chunk = cfg.prefill.max_num_batched_tokens
-    decode = dataclasses.replace(decode, max_num_batched_tokens=chunk)
+    engine = dataclasses.replace(decode.engine, max_num_batched_tokens=cfg.prefill.max_num_batched_tokens)
+    decode = dataclasses.replace(decode, engine=engine)
     return ColocatedWorkerConfig(decode, cfg.kv_transfer.lease_seconds,
                                  announce_prefill=cfg.serving_mode == "colocated")
 

@@ -38,7 +38,9 @@ from ray import serve
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_config
-from deploy.config import DeployConfig, ResourcesConfig
+from deploy.config import DeployConfig
+from deploy.schema import ResourcesSection
+from engine.config import EngineConfig
 from kv_transfer.faults import fail_next_pulls
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
@@ -184,7 +186,7 @@ class DecodeReplicaActor(_PoolReplica):
     async def __init__(self, cfg: DecodeWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
         self.replica = self.decode = DecodeReplica(cfg)
         self.drain_seconds = DECODE_DRAIN_SECONDS
-        self.max_num_seqs = cfg.max_num_seqs
+        self.max_num_seqs = cfg.engine.max_num_seqs
         await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
 
     def reconfigure(self, live: dict[str, float]) -> None:
@@ -208,27 +210,38 @@ PrefillDeployment: Any = serve.deployment(name="PrefillDeployment", health_check
 DecodeDeployment: Any = serve.deployment(name="DecodeDeployment", health_check_period_s=2)(DecodeReplicaActor)
 
 
-def _actor_options(res: ResourcesConfig) -> dict[str, Any]:
+def _actor_options(res: ResourcesSection) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.custom:
         options["resources"] = dict(res.custom)
     return options
 
 
-def _bundle(res: ResourcesConfig) -> dict[str, float]:
+def _bundle(res: ResourcesSection) -> dict[str, float]:
     bundle = {"CPU": res.num_cpus, **dict(res.custom)}
     if res.num_gpus:
         bundle["GPU"] = res.num_gpus
     return bundle
 
 
+def prefill_engine_config(cfg: DeployConfig) -> EngineConfig:
+    m, p = cfg.model, cfg.prefill
+    return EngineConfig(model=m.path, dtype=m.dtype, block_size=m.block_size, num_blocks=p.num_kv_blocks,
+                        max_num_batched_tokens=p.max_num_batched_tokens, device=p.device)
+
+
+def decode_engine_config(cfg: DeployConfig) -> EngineConfig:
+    m, d = cfg.model, cfg.decode
+    return EngineConfig(model=m.path, dtype=m.dtype, block_size=m.block_size, num_blocks=d.num_kv_blocks,
+                        max_num_seqs=d.max_num_seqs, quantization=d.quantization, device=d.device)
+
+
 def prefill_worker_config(cfg: DeployConfig, registry: str) -> PrefillWorkerConfig:
     p = cfg.prefill
     return PrefillWorkerConfig(
-        model_path=cfg.model.path, dtype=cfg.model.dtype, tensor_parallel_size=p.tensor_parallel_size,
-        block_size=cfg.model.block_size, num_kv_blocks=p.num_kv_blocks,
-        max_num_batched_tokens=p.max_num_batched_tokens, torch_threads=p.torch_threads,
-        device=p.device, host=cfg.kv_transfer.host, registry_address=registry,
+        prefill_engine_config(cfg),
+        tensor_parallel_size=p.tensor_parallel_size, torch_threads=p.torch_threads,
+        host=cfg.kv_transfer.host, registry_address=registry,
         heartbeat_seconds=cfg.router.heartbeat_seconds, lease_seconds=cfg.kv_transfer.lease_seconds,
         kv_backend=cfg.kv_transfer.backend, rank_num_cpus=p.resources.num_cpus,
         rank_num_gpus=p.resources.num_gpus, cpu_affinity=p.cpu_affinity,
@@ -238,10 +251,9 @@ def prefill_worker_config(cfg: DeployConfig, registry: str) -> PrefillWorkerConf
 def decode_worker_config(cfg: DeployConfig, registry: str) -> DecodeWorkerConfig:
     d = cfg.decode
     return DecodeWorkerConfig(
-        model_path=cfg.model.path, dtype=cfg.model.dtype, quantization=d.quantization,
-        tensor_parallel_size=d.tensor_parallel_size, block_size=cfg.model.block_size,
-        num_kv_blocks=d.num_kv_blocks, max_num_seqs=d.max_num_seqs, torch_threads=d.torch_threads,
-        device=d.device, host=cfg.kv_transfer.host, registry_address=registry,
+        decode_engine_config(cfg),
+        tensor_parallel_size=d.tensor_parallel_size, torch_threads=d.torch_threads,
+        host=cfg.kv_transfer.host, registry_address=registry,
         heartbeat_seconds=cfg.router.heartbeat_seconds, kv_backend=cfg.kv_transfer.backend,
         kv_same_host_read=cfg.kv_transfer.same_host_read,
         transfer_timeout_seconds=cfg.kv_transfer.timeout_seconds, cpu_affinity=d.cpu_affinity,

@@ -1,7 +1,9 @@
-"""Model config: a Hugging Face `config.json` (+ `generation_config.json`) -> frozen `ModelConfig`.
+"""The engine's two configs: what to run (`EngineConfig`) and what the model is (`ModelConfig`).
 
-Reads both the classic field names (`rope_theta`, `rope_scaling`, `torch_dtype`) and the
-transformers>=5 ones (`rope_parameters`, `dtype`).
+`EngineConfig` is the one place the engine's defaults are written (block size, chunk size, batch
+size...); the workers embed it and deploy/ fills it from YAML. `ModelConfig` is read from a Hugging
+Face `config.json` (+ `generation_config.json`), with both the classic field names (`rope_theta`,
+`rope_scaling`, `torch_dtype`) and the transformers>=5 ones (`rope_parameters`, `dtype`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,33 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _DEFAULT_ROPE_THETA = 10000.0
+
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")  # the bundled tiny Llama
+BLOCK_SIZE = 16  # tokens per KV block
+MAX_NUM_BATCHED_TOKENS = 512  # tokens per forward step (the prefill chunk)
+MAX_NUM_SEQS = 64  # sequences in the running batch
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str  # Hugging Face model directory
+    dtype: str = "float32"
+    block_size: int = BLOCK_SIZE
+    num_blocks: int | None = None  # None: fit kv_cache_bytes (capped at what max_num_seqs can use)
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = MAX_NUM_SEQS
+    quantization: str = "none"
+    seed: int = 0
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPE_NAMES)}, "
+                             f"got {self.dtype!r}")
 
 
 class CheckpointError(ValueError):

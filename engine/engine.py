@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig, load_config
+from engine.config import EngineConfig, ModelConfig, load_config
 from engine.distributed import StepBroadcaster
 from engine.finish import FinishReason
 from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_bytes
@@ -33,25 +33,6 @@ from engine.tokenizer import Tokenizer
 from engine.tp import TPInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model: str
-    dtype: str = "float32"
-    block_size: int = 16
-    num_blocks: int | None = None  # None: fit kv_cache_bytes (capped at what max_num_seqs can use)
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    quantization: str = "none"
-    seed: int = 0
-    device: str = "cpu"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    kv_cache_bytes: int = 1 << 30
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(slots=True)

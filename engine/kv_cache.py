@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.config import BLOCK_SIZE
 from engine.tp import kv_heads_per_rank, tp_kv_error
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ NO_HASH = -1
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     num_blocks: int = 512
 
     def __post_init__(self) -> None:

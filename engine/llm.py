@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.config import load_config
+from engine.config import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, load_config
 from engine.distributed import run_follower
 from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config
 from engine.finish import FinishReason
@@ -141,10 +141,10 @@ class LLM:
         model: str,
         dtype: str = "float32",
         tensor_parallel_size: int = 1,
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
         num_blocks: int | None = None,
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+        max_num_seqs: int = MAX_NUM_SEQS,
         quantization: str = "none",
         seed: int = 0,
         *,

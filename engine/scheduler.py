@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.config import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from engine.kv_cache import NO_HASH, BlockAllocator
 from engine.sampling import SamplingParams
 
@@ -73,8 +74,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = MAX_NUM_SEQS
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

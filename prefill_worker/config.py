@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
 class PrefillWorkerConfig:
-    model_path: str
-    dtype: str = "float32"
+    engine: EngineConfig  # what rank 0 builds and every rank loads (model, dtype, KV blocks, chunk)
     tensor_parallel_size: int = 1
-    block_size: int = 16
-    num_kv_blocks: int = 1024
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
     torch_threads: int = 1
-    device: str = "cpu"
     host: str = "127.0.0.1"  # the interface this replica's gRPC server and KV sources bind to
     registry_address: str = ""  # the router's Registry service, "host:port"
-    heartbeat_seconds: float = 0.5
+    heartbeat_seconds: float = field(kw_only=True)  # deploy/ passes the router's period
     lease_seconds: float = 30.0
     kv_backend: str = "ucx"
     replica_id: str = ""  # empty: derived from the Ray actor id

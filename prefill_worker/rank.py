@@ -61,10 +61,9 @@ class PrefillRank:
         return endpoint, HOST_ID
 
     def _build(self) -> Follower:
-        tp = init_group(self.spec, self.rank, self.cfg.device)
-        return Follower(
-            self.cfg.model_path, DTYPES[self.cfg.dtype], tp, self.spec.cache, device=self.cfg.device
-        )
+        engine = self.cfg.engine
+        tp = init_group(self.spec, self.rank, engine.device)
+        return Follower(engine.model, DTYPES[engine.dtype], tp, self.spec.cache, device=engine.device)
 
     def lease(self, lease: bytes) -> None:
         msg = kv_pb2.KVHandle.FromString(lease)

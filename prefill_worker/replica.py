@@ -19,10 +19,10 @@ import torch
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
+from engine.config import load_config
 from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
-from engine.engine import DTYPES, EngineConfig, LLMEngine
-from engine.kv_cache import CacheConfig
+from engine.engine import DTYPES, LLMEngine, resolve_cache_config
 from kv_transfer import make_source
 from kv_transfer.host import HOST_ID
 from kv_transfer.source import KVSource
@@ -37,7 +37,7 @@ class PrefillReplica:
         pin_process(cfg.cpu_affinity)
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
-        self.cache = CacheConfig(cfg.block_size, cfg.num_kv_blocks)
+        self.cache = resolve_cache_config(cfg.engine, load_config(cfg.engine.model), cfg.tensor_parallel_size)
         self.followers: list[Any] = []
         self.sources: list[KVSource] = []
         self.server: grpc.aio.Server | None = None
@@ -59,8 +59,8 @@ class PrefillReplica:
             zip(self.followers, await asyncio.gather(*follower_starts), strict=True), 1
         ):
             ranks.append(_remote_lease(actor, rank, endpoint, host))
-        self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.dtype)
-        self.service.stream_chunk_blocks = -(-self.cfg.max_num_batched_tokens // self.cfg.block_size)
+        self.service = PrefillService(self.engine, ranks, self.cfg.lease_seconds, self.cfg.engine.dtype)
+        self.service.stream_chunk_blocks = -(-self.cfg.engine.max_num_batched_tokens // self.cache.block_size)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.service, self.server)
         port = self.server.add_insecure_port(f"{self.cfg.host}:0")
@@ -69,17 +69,8 @@ class PrefillReplica:
         return self.address
 
     def _build_engine(self, spec: GroupSpec) -> LLMEngine:
-        tp = init_group(spec, 0, self.cfg.device) if spec.world_size > 1 else None
-        config = EngineConfig(
-            model=self.cfg.model_path,
-            dtype=self.cfg.dtype,
-            block_size=self.cfg.block_size,
-            num_blocks=self.cfg.num_kv_blocks,
-            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-            max_num_seqs=self.cfg.max_num_seqs,
-            device=self.cfg.device,
-        )
-        return LLMEngine(config, tp, self.cache)
+        tp = init_group(spec, 0, self.cfg.engine.device) if spec.world_size > 1 else None
+        return LLMEngine(self.cfg.engine, tp, self.cache)
 
     def _spawn(self, rank: int, spec: GroupSpec) -> Any:
         import ray
@@ -95,7 +86,7 @@ class PrefillReplica:
         ready = self.engine is not None and self.engine.error is None and self.address != ""
         st = worker_pb2.WorkerStatus(
             replica_id=replica_id, role=worker_pb2.WorkerStatus.PREFILL, address=self.address, ready=ready,
-            tp_size=self.cfg.tensor_parallel_size, block_size=self.cfg.block_size, kv_dtype=self.cfg.dtype,
+            tp_size=self.cfg.tensor_parallel_size, block_size=self.cache.block_size, kv_dtype=self.cfg.engine.dtype,
             quantization="none",
         )
         engine = self.engine

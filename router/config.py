@@ -1,8 +1,13 @@
-"""RouterConfig: everything the router reads, filled by deploy/ from YAML (the router never sees YAML)."""
+"""RouterConfig: everything the router reads, filled by deploy/ from YAML (the router never sees YAML).
+
+Its defaults are the YAML's too: deploy/schema.py takes them from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from engine.config import BLOCK_SIZE
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -13,7 +18,7 @@ class RouterConfig:
 
     vocab_size: int                  # the model's vocabulary (token ids must be below it)
     context_len: int                 # prompt + completion tokens must fit
-    block_size: int = 16             # KV block size of both pools (prefix hashing, block estimates)
+    block_size: int = BLOCK_SIZE     # KV block size of both pools (prefix hashing, block estimates)
     eos_token_ids: tuple[int, ...] = ()
     host: str = "127.0.0.1"          # public Router API, health and reflection
     port: int = 50051
@@ -22,7 +27,8 @@ class RouterConfig:
     max_inflight: int = 256          # admitted requests not finished
     max_queued_prompt_tokens: int = 65536  # prompt tokens of admitted requests still in prefill
     default_max_tokens: int = DEFAULT_MAX_TOKENS
-    heartbeat_seconds: float = 0.5   # a replica silent for 3 x this is forgotten
+    heartbeat_seconds: float = 1.0   # a replica silent for 3 x this is forgotten; deploy/ gives
+    #   the pools the same period
     affinity_max_imbalance_tokens: int = 2048  # prefix affinity yields to load beyond this gap
     affinity_blocks: int = 8         # leading full prompt blocks hashed for affinity
     worker_retries: int = 2          # extra attempts on other replicas (UNAVAILABLE / RESOURCE_EXHAUSTED)

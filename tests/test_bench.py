@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from pdserve.v1 import router_pb2_grpc
 
+from benchmarks.loadgen.arrivals import arrival_offsets
+from benchmarks.loadgen.cli import _loads, build_parser
+from benchmarks.loadgen.config import SLO, DatasetConfig, Load
+from benchmarks.loadgen.dataset import make_requests
+from benchmarks.loadgen.null_cluster import NullCluster, start_null_cluster
+from benchmarks.loadgen.stats import RequestRecord, meets_slo, percentile, summarize
 from deploy import cli
-from deploy.bench import _loads, build_parser
-from deploy.benchmark.arrivals import arrival_offsets
-from deploy.benchmark.config import SLO, DatasetConfig, Load
-from deploy.benchmark.dataset import make_requests
-from deploy.benchmark.null_cluster import NullCluster, start_null_cluster
-from deploy.benchmark.stats import RequestRecord, meets_slo, percentile, summarize
 from router.client import build_request
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.bench import main as bench_main
+from benchmarks.loadgen.cli import main as bench_main
 from tests.e2e import running_cluster, small_config
 from tests.test_bench import check_png, check_run
 

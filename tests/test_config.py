@@ -1,4 +1,5 @@
-"""deploy/config.py: YAML -> frozen dataclasses, with one precise error line per problem."""
+"""deploy/config.py: YAML -> frozen dataclasses, with one precise error line per problem; the worker
+configs built from them (deploy/serve_app.py, deploy/colocated_app.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy.colocated_app import colocated_worker_config
 from deploy.config import (
     DEFAULT_MODEL_DIR,
     ConfigError,
@@ -23,6 +25,9 @@ from deploy.config import (
     reference_table,
 )
 from deploy.config import main as config_main
+from deploy.serve_app import decode_worker_config, prefill_worker_config
+from engine.config import EngineConfig
+from router.config import RouterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
@@ -172,7 +177,7 @@ def test_empty_file_is_defaults(write, text: str) -> None:
 def test_defaults() -> None:
     cfg = load_config(None)
     assert cfg == DeployConfig() == parse_config({}, "x") == parse_config(None, "x")
-    assert cfg.model.path == DEFAULT_MODEL_DIR and Path(DEFAULT_MODEL_DIR).parent.name == "deploy"
+    assert cfg.model.path == DEFAULT_MODEL_DIR and Path(DEFAULT_MODEL_DIR).parent.name == "engine"
     assert (cfg.model.dtype, cfg.model.block_size, cfg.model.max_model_len) == ("float32", 16, None)
     assert (cfg.router.host, cfg.router.port, cfg.router.api_keys) == ("127.0.0.1", 50051, ())
     assert cfg.router.tls.cert is None and cfg.router.heartbeat_seconds == 1.0
@@ -335,7 +340,7 @@ def test_odd_keys_are_reported_not_crashed(write) -> None:
 
 
 def test_defaults_fit_the_default_model() -> None:
-    # deploy/default_model/train.py: num_kv_heads=4, max_positions=512
+    # engine/default_model/train.py: num_kv_heads=4, max_positions=512
     cfg = check_against_model(DeployConfig(), num_kv_heads=4, max_pos=512)
     assert cfg.model.max_model_len == 512
     local = load_config(str(REPO / "deploy" / "examples" / "local-cpu.yaml"))
@@ -349,3 +354,31 @@ def test_command_line_check(write, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == (
         "config.yaml: decode.replicas: expected an integer >= 1, got 0\n")
     assert config_main(["--table"]) == 0 and capsys.readouterr().out == reference_table()
+
+
+def test_yaml_defaults_are_the_runtime_configs_defaults() -> None:
+    cfg, engine = DeployConfig(), EngineConfig("m")
+    router = RouterConfig(vocab_size=1, context_len=1)
+    assert (cfg.model.block_size, cfg.model.dtype, cfg.prefill.max_num_batched_tokens) == (
+        engine.block_size, engine.dtype, engine.max_num_batched_tokens) == (16, "float32", 512)
+    assert (cfg.decode.max_num_seqs, cfg.decode.quantization, cfg.decode.device) == (
+        engine.max_num_seqs, engine.quantization, engine.device)
+    assert cfg.router.heartbeat_seconds == router.heartbeat_seconds == 1.0
+    assert (cfg.router.port, cfg.router.max_inflight, cfg.router.default_max_tokens) == (
+        router.port, router.max_inflight, router.default_max_tokens)
+
+
+def test_worker_configs_embed_the_engine_they_pass_on() -> None:
+    cfg = parse_config({"model": {"block_size": 8, "dtype": "bfloat16"},
+                        "prefill": {"max_num_batched_tokens": 64, "num_kv_blocks": 100},
+                        "decode": {"quantization": "int8", "max_num_seqs": 8, "num_kv_blocks": 300},
+                        "router": {"heartbeat_seconds": 2.0}}, "x")
+    prefill, decode = prefill_worker_config(cfg, "r:1"), decode_worker_config(cfg, "r:1")
+    model = cfg.model.path
+    assert prefill.engine == EngineConfig(model, dtype="bfloat16", block_size=8, num_blocks=100,
+                                          max_num_batched_tokens=64)
+    assert decode.engine == EngineConfig(model, dtype="bfloat16", block_size=8, num_blocks=300,
+                                         max_num_seqs=8, quantization="int8")
+    assert prefill.heartbeat_seconds == decode.heartbeat_seconds == 2.0
+    colocated = colocated_worker_config(cfg, "r:1").decode  # decodes, and prefills in 64-token chunks
+    assert colocated.engine == dataclasses.replace(decode.engine, max_num_batched_tokens=64)

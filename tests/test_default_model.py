@@ -1,4 +1,4 @@
-"""The committed default model (deploy/default_model) is a real, small Llama that learned English.
+"""The committed default model (engine/default_model) is a real, small Llama that learned English.
 
 Loads the checkpoint with `transformers` (no mocks), checks the config contract the serving engine
 relies on, greedy-generates from a prompt and checks the words are real, and measures validation
@@ -21,10 +21,11 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM
 
+from engine.config import DEFAULT_MODEL_DIR
+
 # PDSERVE_DEFAULT_MODEL_DIR: check a freshly trained folder before committing it.
-MODEL_DIR = Path(os.environ.get("PDSERVE_DEFAULT_MODEL_DIR", "")
-                 or Path(__file__).resolve().parents[1] / "deploy" / "default_model")
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "default_model" / "train.py"
+MODEL_DIR = Path(os.environ.get("PDSERVE_DEFAULT_MODEL_DIR", "") or DEFAULT_MODEL_DIR)
+TRAIN_SCRIPT = Path(DEFAULT_MODEL_DIR) / "train.py"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 EOS = "<|endoftext|>"
 

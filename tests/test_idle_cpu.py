@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from deploy.benchmark.idle import format_report, measure, pdserve_up, send_requests
+from benchmarks.loadgen.idle import format_report, measure, pdserve_up, send_requests
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "local-cpu.yaml"
 

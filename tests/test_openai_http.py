@@ -231,7 +231,7 @@ def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningClust
 
 def test_bench_drives_the_http_door(cluster: RunningCluster, tmp_path: Path) -> None:
     """`pdserve bench --endpoint openai`: the gRPC bench's workload and metrics, through SSE."""
-    from deploy.bench import main as bench_main
+    from benchmarks.loadgen.cli import main as bench_main
     from tests.test_bench import check_run
 
     out = tmp_path / "bench"

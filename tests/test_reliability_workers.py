@@ -24,7 +24,7 @@ from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.faults import delay_pulls
 from decode_worker.replica import DecodeReplica
-from engine.config import load_config
+from engine.config import EngineConfig, load_config
 from engine.faults import slow_steps
 from engine.sampling import SamplingParams
 from engine.scheduler import RequestStatus
@@ -92,8 +92,10 @@ async def _beat(router: RouterServer, replicas: dict[str, Any]) -> None:
 
 async def _with_rig(model_dir: Path, body: Callable[[Rig], Awaitable[None]]) -> None:
     model = load_config(str(model_dir))
-    prefill = PrefillReplica(PrefillWorkerConfig(str(model_dir), num_kv_blocks=BLOCKS, max_num_batched_tokens=16))
-    decodes = {f"d{i}": DecodeReplica(DecodeWorkerConfig(str(model_dir), num_kv_blocks=BLOCKS,
+    prefill = PrefillReplica(PrefillWorkerConfig(
+        EngineConfig(str(model_dir), num_blocks=BLOCKS, max_num_batched_tokens=16), heartbeat_seconds=HEARTBEAT))
+    decodes = {f"d{i}": DecodeReplica(DecodeWorkerConfig(EngineConfig(str(model_dir), num_blocks=BLOCKS),
+                                                          heartbeat_seconds=HEARTBEAT,
                                                           admission_wait_seconds=3.0)) for i in range(2)}
     router = RouterServer(RouterConfig(vocab_size=model.vocab_size, context_len=256, eos_token_ids=(),
                                        port=0, heartbeat_seconds=HEARTBEAT), Tokenizer.from_model_dir(model_dir))

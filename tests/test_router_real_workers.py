@@ -23,7 +23,7 @@ from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2_grpc  # noqa: E40
 
 from decode_worker.config import DecodeWorkerConfig  # noqa: E402
 from decode_worker.replica import DecodeReplica  # noqa: E402
-from engine.config import load_config  # noqa: E402
+from engine.config import EngineConfig, load_config  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 from prefill_worker.config import PrefillWorkerConfig  # noqa: E402
 from prefill_worker.replica import PrefillReplica  # noqa: E402
@@ -56,9 +56,10 @@ async def _scenario(model_dir: Path) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     model = load_config(str(model_dir))
-    prefill = PrefillReplica(PrefillWorkerConfig(str(model_dir), num_kv_blocks=BLOCKS, kv_backend=BACKEND,
-                                                 max_num_batched_tokens=64))
-    decode = DecodeReplica(DecodeWorkerConfig(str(model_dir), num_kv_blocks=BLOCKS, kv_backend=BACKEND))
+    prefill = PrefillReplica(PrefillWorkerConfig(EngineConfig(str(model_dir), num_blocks=BLOCKS, max_num_batched_tokens=64),
+                                                 kv_backend=BACKEND, heartbeat_seconds=HEARTBEAT))
+    decode = DecodeReplica(DecodeWorkerConfig(EngineConfig(str(model_dir), num_blocks=BLOCKS), kv_backend=BACKEND,
+                                              heartbeat_seconds=HEARTBEAT))
     router = RouterServer(
         RouterConfig(vocab_size=model.vocab_size, context_len=min(256, model.max_position_embeddings),
                      eos_token_ids=model.eos_token_ids, port=0, heartbeat_seconds=HEARTBEAT),

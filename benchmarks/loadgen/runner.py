@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import grpc
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
-from deploy.benchmark.arrivals import arrival_offsets
-from deploy.benchmark.config import BenchConfig, Load
-from deploy.benchmark.dataset import RequestSpec, make_requests
-from deploy.benchmark.stats import RequestRecord, RunStats, distribution, summarize
+from benchmarks.loadgen.arrivals import arrival_offsets
+from benchmarks.loadgen.config import BenchConfig, Load
+from benchmarks.loadgen.dataset import RequestSpec, make_requests
+from benchmarks.loadgen.stats import RequestRecord, RunStats, distribution, summarize
 from router.client import build_request
 
 Metadata = tuple[tuple[str, str], ...] | None
@@ -163,7 +163,7 @@ async def run_bench(cfg: BenchConfig) -> list[RunResult]:
     """Warm-up (not recorded), then each load in turn with fresh prompts of the same length mix,
     through the gRPC API (`cfg.endpoint` "grpc") or the OpenAI HTTP API ("openai")."""
     if cfg.endpoint == "openai":
-        from deploy.benchmark.openai_client import openai_sender
+        from benchmarks.loadgen.openai_client import openai_sender
 
         async with openai_sender(cfg) as send:
             return await _run_loads(cfg, send)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.benchmark.config import BenchConfig
-from deploy.benchmark.runner import RunResult
-from deploy.benchmark.stats import RequestRecord
+from benchmarks.loadgen.config import BenchConfig
+from benchmarks.loadgen.runner import RunResult
+from benchmarks.loadgen.stats import RequestRecord
 
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 

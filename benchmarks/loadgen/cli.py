@@ -1,4 +1,4 @@
-"""`pdserve bench`: load-test a running router (see deploy/benchmark/ for the parts).
+"""`pdserve bench`: load-test a running router (see benchmarks/loadgen/ for the parts).
 
     pdserve bench --address 127.0.0.1:50051 --concurrency 1,4,16 --num-requests 64 --out out/
     pdserve bench --address ... --request-rate 1,2,4 --dataset mixed --slo-ttft-ms 500 --slo-tpot-ms 50
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import grpc
 
-from deploy.benchmark.config import DATASETS, ENDPOINTS, SLO, BenchConfig, DatasetConfig, Load
-from deploy.benchmark.plots import write_plots
-from deploy.benchmark.report import format_table, write_json
-from deploy.benchmark.runner import run_bench
+from benchmarks.loadgen.config import DATASETS, ENDPOINTS, SLO, BenchConfig, DatasetConfig, Load
+from benchmarks.loadgen.plots import write_plots
+from benchmarks.loadgen.report import format_table, write_json
+from benchmarks.loadgen.runner import run_bench
 from deploy.discovery import RouterAddress, resolve, unreachable
 
 FALLBACK_VOCAB = 256

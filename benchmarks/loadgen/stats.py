@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from deploy.benchmark.config import SLO
+from benchmarks.loadgen.config import SLO
 
 PERCENTILES = (50.0, 90.0, 99.0)
 

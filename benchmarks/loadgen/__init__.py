@@ -7,4 +7,5 @@
     report.py    result.json and the text summary
     plots.py     latency CDFs and goodput vs load (matplotlib, Agg)
     null_cluster.py  a real router with model-free prefill/decode workers (benchmarks, tests)
+    cli.py       the command line (`pdserve bench`, `python -m benchmarks.loadgen.cli`)
 """

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deploy.benchmark.runner import RunResult  # noqa: E402
+from benchmarks.loadgen.runner import RunResult  # noqa: E402
 
 CDF_METRICS = ("TTFT", "TPOT", "ITL")
 

@@ -12,7 +12,7 @@ side is one of
 Both are plain grpc.aio servers on 127.0.0.1:0 that heartbeat a WorkerStatus into the router's
 Registry, like the real replicas; the router (validation, admission, picking, streaming) is real.
 
-`python -m deploy.benchmark.null_cluster --role router|workers|both` runs one part in its own
+`python -m benchmarks.loadgen.null_cluster --role router|workers|both` runs one part in its own
 process (benchmarks put the client, the router and the workers in separate processes) and prints
 `ROUTER host:port REGISTRY host:port` (plus `HTTP host:port` with `--http-port`) once serving; it
 stops when stdin closes.
@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 import grpc
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 
-from deploy.benchmark.null_engine import add_null_engine_decode
+from benchmarks.loadgen.null_engine import add_null_engine_decode
 from engine.async_engine import AsyncEngine
+from engine.config import BLOCK_SIZE
 from router.config import RouterConfig
 from router.server import RouterServer
 
 VOCAB = 32000
-BLOCK_SIZE = 16
+HEARTBEAT_S = 0.2  # in one process: beat often, so a started cluster is ready soon
 # Separate processes under full load: a worker's loop can be busy for a while, and a replica silent
 # for 3 heartbeats is forgotten (requests then fail UNAVAILABLE), so beat less eagerly than tests do.
 PROCESS_HEARTBEAT_S = 1.0
@@ -140,7 +141,7 @@ class NullCluster:
 
 
 async def start_null_router(max_inflight: int = 4096, context_len: int = 1 << 16,
-                            heartbeat_seconds: float = 0.2, http_port: int | None = None) -> RouterServer:
+                            heartbeat_seconds: float = HEARTBEAT_S, http_port: int | None = None) -> RouterServer:
     """The real router on 127.0.0.1:0, no tokenizer (token ids in and out, empty text); with
     `http_port` (0 = a free one) also its OpenAI HTTP door."""
     config = RouterConfig(vocab_size=VOCAB, context_len=context_len, block_size=BLOCK_SIZE, port=0,
@@ -152,7 +153,7 @@ async def start_null_router(max_inflight: int = 4096, context_len: int = 1 << 16
 
 
 async def start_null_workers(registry_address: str, decode: DecodeMode = 1,
-                             heartbeat_seconds: float = 0.2) -> list[NullWorker]:
+                             heartbeat_seconds: float = HEARTBEAT_S) -> list[NullWorker]:
     workers = [NullWorker("null-prefill", prefill=True), NullWorker("null-decode", False, decode)]
     for w in workers:
         await w.start(registry_address, heartbeat_seconds)
@@ -168,7 +169,7 @@ async def wait_serving(router: RouterServer, timeout: float) -> None:
 
 
 async def start_null_cluster(decode: DecodeMode = 1, max_inflight: int = 4096,
-                             heartbeat_seconds: float = 0.2, timeout: float = 10.0) -> NullCluster:
+                             heartbeat_seconds: float = HEARTBEAT_S, timeout: float = 10.0) -> NullCluster:
     """Router + one null replica per pool, all on this event loop."""
     router = await start_null_router(max_inflight, heartbeat_seconds=heartbeat_seconds)
     cluster = NullCluster(router, [], router.address)
@@ -230,7 +231,7 @@ def null_processes_http(decode: DecodeMode = 1, timeout: float = 60.0,
     """null_processes, the router also serving OpenAI HTTP: yields (gRPC address, HTTP address)."""
     from router.client import wait_healthy
 
-    cmd = [sys.executable, "-m", "deploy.benchmark.null_cluster"]
+    cmd = [sys.executable, "-m", "benchmarks.loadgen.null_cluster"]
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     extra = ["--http-port", "0"] if http else []
     router = subprocess.Popen([*cmd, "--role", "router", *extra], stdin=subprocess.PIPE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from deploy.benchmark.config import DatasetConfig
+from benchmarks.loadgen.config import DatasetConfig
 
 FIRST_ID = 1  # prompts avoid token 0 (often a special / EOS id)
 

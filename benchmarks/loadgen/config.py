@@ -1,4 +1,4 @@
-"""The benchmark's frozen configuration (built by deploy/bench.py from the command line)."""
+"""The benchmark's frozen configuration (built by benchmarks/loadgen/cli.py from the command line)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from deploy.benchmark.config import BenchConfig
-from deploy.benchmark.dataset import RequestSpec
-from deploy.benchmark.stats import RequestRecord
+from benchmarks.loadgen.config import BenchConfig
+from benchmarks.loadgen.dataset import RequestSpec
+from benchmarks.loadgen.stats import RequestRecord
 
 
 def base_url(cfg: BenchConfig) -> str:

@@ -11,8 +11,8 @@ Reproducible and CPU-only. Steps:
                log (JSON lines) and periodic resumable checkpoints in --work-dir.
 
 Usage (the committed checkpoint's exact command is in README.md):
-  python deploy/default_model/train.py --steps 600 --seed 0
-  python deploy/default_model/train.py --minutes 22      # picks --steps from measured speed
+  python engine/default_model/train.py --steps 600 --seed 0
+  python engine/default_model/train.py --minutes 22      # picks --steps from measured speed
 """
 
 from __future__ import annotations
