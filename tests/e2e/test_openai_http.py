@@ -1,6 +1,6 @@
 """The OpenAI HTTP door end to end: a real cluster (router + Serve pools, KV over UCX, the bundled
 default model and its chat template), driven by the official `openai` SDK. Prefill TP=1 keeps the
-start short (the door does not depend on TP; TP=2 is covered by tests/test_e2e_serving.py).
+start short (the door does not depend on TP; TP=2 is covered by tests/e2e/test_e2e_serving.py).
 
 Every answer is checked against the gRPC API on the same cluster: greedy text, token counts and
 finish reasons must be equal, since both doors enter the same request flow.
@@ -140,7 +140,7 @@ def test_sync_stream_and_request_id_echo(cluster: RunningCluster) -> None:
 
 
 LONG = " ".join(str(i) for i in range(600))  # more tokens than the 512-token context
-BAD_INPUTS = [  # the gRPC validation table (tests/test_router.py), through HTTP
+BAD_INPUTS = [  # the gRPC validation table (tests/router/test_router.py), through HTTP
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -232,7 +232,7 @@ def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningClust
 def test_bench_drives_the_http_door(cluster: RunningCluster, tmp_path: Path) -> None:
     """`pdserve bench --endpoint openai`: the gRPC bench's workload and metrics, through SSE."""
     from deploy.bench import main as bench_main
-    from tests.test_bench import check_run
+    from tests.deploy.test_bench import check_run
 
     out = tmp_path / "bench"
     rc = bench_main(["--endpoint", "openai", "--address", cluster.cluster.router.http_address,
@@ -289,7 +289,7 @@ def test_http_uses_the_grpc_ports_tls_and_keys(tmp_path: Path) -> None:
 
     from router.config import RouterConfig
     from router.server import RouterServer
-    from tests.test_router_security import _self_signed
+    from tests.router.test_router_security import _self_signed
 
     cert, key = _self_signed(tmp_path)
     config = RouterConfig(vocab_size=100, context_len=64, port=0, http_port=0, api_keys=("k1",),

@@ -10,7 +10,7 @@ import pytest
 
 from deploy.bench import main as bench_main
 from tests.e2e import running_cluster, small_config
-from tests.test_bench import check_png, check_run
+from tests.deploy.test_bench import check_png, check_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -23,8 +23,8 @@ from transformers import LlamaForCausalLM
 
 # PDSERVE_DEFAULT_MODEL_DIR: check a freshly trained folder before committing it.
 MODEL_DIR = Path(os.environ.get("PDSERVE_DEFAULT_MODEL_DIR", "")
-                 or Path(__file__).resolve().parents[1] / "deploy" / "default_model")
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "default_model" / "train.py"
+                 or Path(__file__).resolve().parents[2] / "deploy" / "default_model")
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "default_model" / "train.py"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 EOS = "<|endoftext|>"
 

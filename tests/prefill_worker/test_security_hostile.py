@@ -14,7 +14,7 @@ import numpy as np
 from pdserve.v1 import kv_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
 from router.client import build_request
-from tests.test_reliability_workers import LONG_PROMPT, Rig, _run, model_dir  # noqa: F401 - fixture
+from tests.prefill_worker.test_reliability_workers import LONG_PROMPT, Rig, _run, model_dir  # noqa: F401 - fixture
 
 BIG = b"\x00" * (5 << 20)  # over every server's 4 MiB limit
 

@@ -24,7 +24,7 @@ from deploy.config import (
 )
 from deploy.config import main as config_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
 ROUTER_KEYS = ("host, port, internal_host, max_inflight, max_queued_prompt_tokens, "
                "default_max_tokens, heartbeat_seconds, api_keys, tls, http, metrics_port, migration")

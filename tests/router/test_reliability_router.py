@@ -15,7 +15,7 @@ from pdserve.v1 import router_pb2
 
 from router.client import build_request
 from tests.fake_workers import FakeDecode, FakePrefill, make_config, start_cluster
-from tests.test_router import collect, run, status_of, wait_for
+from tests.router.test_router import collect, run, status_of, wait_for
 
 PROMPT = "abc"  # ids 97 98 99: the completion is 100, 101, ...
 
