@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from deploy.bench import main as bench_main
-from tests.e2e import running_cluster, small_config
 from tests.deploy.test_bench import check_png, check_run
+from tests.e2e import running_cluster, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -219,7 +219,13 @@ def test_tp2_decode_pool_applies_autoscales_and_drains(kv_checkpoint: Callable[[
     replicas; without load it drains back to one; no request fails and every block ends free."""
     from deploy.apply import apply
     from tests.e2e.test_apply import _write
-    from tests.e2e.test_autoscale import HEARTBEAT, SCALE_DOWN_WITHIN, SCALE_UP_WITHIN, Load, _wait_for
+    from tests.e2e.test_autoscale import (
+        HEARTBEAT,
+        SCALE_DOWN_WITHIN,
+        SCALE_UP_WITHIN,
+        Load,
+        _wait_for,
+    )
 
     cfg = small_config(str(kv_checkpoint(2)), router={"heartbeat_seconds": HEARTBEAT},
                        prefill={"tensor_parallel_size": 1},

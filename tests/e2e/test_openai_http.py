@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from deploy.config import DEFAULT_MODEL_DIR
 from router.client import Endpoint, generate, generate_stream
@@ -73,7 +74,7 @@ def test_completions_equal_grpc_sync(cluster: RunningCluster) -> None:
     for prompt in (*PROMPTS, IDS):
         want = generate(_grpc(cluster), prompt, max_tokens=N, timeout=60)
         got = client.completions.create(model="tiny-py", prompt=prompt, max_tokens=N, temperature=0)
-        assert got.object == "text_completion"
+        assert got.object == "text_completion" and got.usage is not None
         assert got.choices[0].text == want.text
         assert got.choices[0].finish_reason == want.finish_reason
         assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
@@ -100,24 +101,27 @@ def test_completions_stream_async_with_usage_and_logprobs(cluster: RunningCluste
     assert [c.choices[0].finish_reason for c in content] == [None] * (len(content) - 1) + ["length"]
     logprobs = [lp for c in content for lp in c.choices[0].logprobs.token_logprobs]
     assert len(logprobs) == N and logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    assert last.usage is not None
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(IDS), N)
 
 
 def test_chat_renders_the_template_like_transformers_and_equals_grpc(cluster: RunningCluster) -> None:
-    messages = [{"role": "system", "content": "You document Python."},
-                {"role": "user", "content": [{"type": "text", "text": "What is a list?"}]}]
-    flat = [messages[0], {"role": "user", "content": "What is a list?"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You document Python."},
+        {"role": "user", "content": [{"type": "text", "text": "What is a list?"}]}]
+    flat: list[dict[str, Any]] = [dict(messages[0]), {"role": "user", "content": "What is a list?"}]
     want = generate(_grpc(cluster), _hf_chat_prompt(flat), max_tokens=N, timeout=60)
-    got = _client(cluster).chat.completions.create(model="tiny-py", messages=messages,  # type: ignore[arg-type]
+    got = _client(cluster).chat.completions.create(model="tiny-py", messages=messages,
                                                    max_completion_tokens=N)
     assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.usage is not None
     assert got.choices[0].message.content == want.text
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
 
     async def run() -> list[Any]:
         async with openai.AsyncOpenAI(base_url=_url(cluster), api_key=KEY, max_retries=0) as client:
             stream = await client.chat.completions.create(
-                model="tiny-py", messages=messages, max_tokens=N, stream=True,  # type: ignore[arg-type]
+                model="tiny-py", messages=messages, max_tokens=N, stream=True,
                 stream_options={"include_usage": True})
             return [chunk async for chunk in stream]
 
