@@ -13,33 +13,9 @@ import pytest
 from decode_worker.rank import RankPulls
 from kv_transfer.base import TransferError
 from kv_transfer.handle import KVHandle, RankShard
+from tests.fake_workers import SlowRank
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class SlowRank:
-    """A follower whose pull takes `seconds` (or fails at once with fail=True)."""
-
-    def __init__(self) -> None:
-        self.seconds, self.fail = 0.0, False
-        self.ended: str | None = None
-
-    def configure(self, seconds: float, fail: bool) -> None:
-        self.seconds, self.fail, self.ended = seconds, fail, None
-
-    async def pull(self, handle: bytes, blocks: list[int], timeout: float, first_block: int) -> None:
-        if self.fail:
-            raise TransferError("source refused")
-        try:
-            await asyncio.sleep(self.seconds)
-            self.ended = "done"
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.3)  # like UCX aborting its receives: the end takes a moment
-            self.ended = "cancelled"
-            raise
-
-    def how_ended(self) -> str | None:
-        return self.ended
 
 
 def _handle() -> KVHandle:

@@ -33,6 +33,7 @@ from router.client import build_request
 from router.config import RouterConfig
 from router.registry import DECODE, PREFILL
 from router.server import RouterServer
+from tests.fake_workers import beat_into
 
 BLOCKS = 64
 HEARTBEAT = 0.25
@@ -42,13 +43,6 @@ LONG_PROMPT = list(range(1, 61))  # 4 chunks of 16 tokens
 def _prompt(seed: int) -> list[int]:
     """A 60-token prompt of its own (no prefix shared with another: the prefix cache stays out)."""
     return [(seed * 97 + 7 * i) % 900 + 1 for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    return Path(make_model(tmp_path_factory.mktemp("tiny"), arch="llama", size="tiny", seed=0))
 
 
 @dataclass
@@ -77,16 +71,6 @@ class Rig:
         return time.monotonic() - start
 
 
-async def _beat(router: RouterServer, replicas: dict[str, Any]) -> None:
-    async with grpc.aio.insecure_channel(router.internal_address) as channel:
-        stub = worker_pb2_grpc.RegistryStub(channel)
-        while True:
-            for rid, replica in list(replicas.items()):
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Heartbeat(replica.status(rid), timeout=5)
-            await asyncio.sleep(HEARTBEAT)
-
-
 async def _with_rig(model_dir: Path, body: Callable[[Rig], Awaitable[None]]) -> None:
     model = load_config(str(model_dir))
     prefill = PrefillReplica(PrefillWorkerConfig(str(model_dir), num_kv_blocks=BLOCKS, max_num_batched_tokens=16))
@@ -99,7 +83,7 @@ async def _with_rig(model_dir: Path, body: Callable[[Rig], Awaitable[None]]) -> 
         await d.start()
     await router.start()
     beating: dict[str, Any] = {"p0": prefill, **decodes}
-    beats = asyncio.get_running_loop().create_task(_beat(router, beating))
+    beats = asyncio.get_running_loop().create_task(beat_into(router, beating, HEARTBEAT))
     channel = grpc.aio.insecure_channel(router.address)
     try:
         while len(router.registry.ready(PREFILL)) + len(router.registry.ready(DECODE)) < 3:
