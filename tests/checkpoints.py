@@ -1,6 +1,7 @@
 """Shared test helpers: tiny Hugging Face checkpoints written by `transformers` itself.
 
     write_hf_checkpoint(path, kind) -> path      kind in KINDS
+    write_tiny_model(path) -> path               engine.make_model's tiny llama (its own BPE tokenizer)
 
 Every kind: hidden 64, 2 layers, 4 heads, 2 KV heads (or 1 / 4: `num_kv_heads`), vocab 1024 (>= the tokenizer's 1000),
 fp32, seeded random init, plus tokenizer.json from engine.make_model and generation_config.json.
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.make_model import write_tokenizer
+from engine.make_model import make_model, write_tokenizer
 
 KINDS = ("llama", "llama_tied_rope3", "qwen2", "mistral")
 VOCAB = 1024
@@ -90,6 +91,11 @@ def write_hf_checkpoint(path: Path, kind: str, seed: int = 0, num_kv_heads: int 
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID]}))
     write_tokenizer(path)
     return path
+
+
+def write_tiny_model(path: Path, seed: int = 0) -> Path:
+    """The tiny llama that `engine.make_model` writes (what the in-process worker rigs serve)."""
+    return Path(make_model(path, arch="llama", size="tiny", seed=seed))
 
 
 def load_hf_model(path: Path) -> Any:

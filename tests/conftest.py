@@ -1,4 +1,5 @@
-"""Shared fixtures (keep small): one thread for torch, tiny HF checkpoints written once per session."""
+"""Shared fixtures (keep small): one thread for torch, tiny checkpoints written once per session
+(`hf_checkpoint(kind)`, `model_dir`), the session's local Ray."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.checkpoints import write_hf_checkpoint, write_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,8 +32,6 @@ def _free_leftovers_here() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``hf_checkpoint(kind)`` -> directory of a tiny transformers checkpoint (cached per session)."""
-    from tests.checkpoints import write_hf_checkpoint
-
     cache: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
@@ -39,6 +40,12 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], P
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """engine.make_model's tiny llama (seed 0), written once per session."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,29 @@
-"""In-process fake PrefillWorker / DecodeWorker gRPC servers for the router's tests.
+"""Every stand-in the tests use in place of a worker or of what a worker talks to (one module).
 
-A scripted model: the next token is (last + 1) % vocab_size, except that the decode fake emits
-`eos_id` as completion token number `eos_after` (when set). Each fake is a real grpc.aio server on
-127.0.0.1:0 that heartbeats a WorkerStatus into the router's Registry, and records what reached it
-(requests, cancellations, ReleaseKV) so tests can assert on the worker side.
+FakePrefill / FakeDecode: in-process gRPC worker servers for the router's tests, on a scripted model:
+the next token is (last + 1) % vocab_size, except that the decode fake emits `eos_id` as completion
+token number `eos_after` (when set). Each fake is a real grpc.aio server on 127.0.0.1:0 that
+heartbeats a WorkerStatus into the router's Registry, and records what reached it (requests,
+cancellations, ReleaseKV) so tests can assert on the worker side.
+
+beat_into(router, replicas, seconds): the heartbeats that Serve's wrapper sends for real replicas
+run in a test's own process. FakeRegistry: records the ScalingDecisions an autoscaling policy
+reports. SlowRank: a decode follower rank's transport as a Ray actor that sleeps where a pull
+would write and records how its call ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
-from pdserve.v1 import kv_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import kv_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
+from kv_transfer.interfaces import TransferError
 from router.config import RouterConfig
 from router.server import RouterServer
 from router.tokenizer import TextCodec
@@ -264,3 +272,57 @@ async def start_cluster(prefills: dict[str, FakePrefill], decodes: dict[str, Fak
     if wait:
         await cluster.wait_serving()
     return cluster
+
+
+class Reporting(Protocol):
+    """A real replica as its heartbeat sees it."""
+
+    def status(self, replica_id: str) -> worker_pb2.WorkerStatus: ...
+
+
+async def beat_into(router: RouterServer, replicas: Mapping[str, Reporting], seconds: float) -> None:
+    """Heartbeat every replica of `replicas` (read afresh each round) into the router until cancelled."""
+    async with grpc.aio.insecure_channel(router.internal_address) as channel:
+        stub = worker_pb2_grpc.RegistryStub(channel)
+        while True:
+            for rid, replica in list(replicas.items()):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Heartbeat(replica.status(rid), timeout=5)
+            await asyncio.sleep(seconds)
+
+
+class FakeRegistry(worker_pb2_grpc.RegistryServicer):
+    """The router's Registry as an autoscaling policy sees it: keeps each ScalingDecision."""
+
+    def __init__(self) -> None:
+        self.got: list[router_pb2.ScalingDecision] = []
+
+    async def ReportScaling(self, request: router_pb2.ScalingDecision,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> worker_pb2.HeartbeatAck:
+        self.got.append(request)
+        return worker_pb2.HeartbeatAck(known=True)
+
+
+class SlowRank:
+    """A follower whose pull takes `seconds` (or fails at once with fail=True)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.fail = 0.0, False
+        self.ended: str | None = None
+
+    def configure(self, seconds: float, fail: bool) -> None:
+        self.seconds, self.fail, self.ended = seconds, fail, None
+
+    async def pull(self, handle: bytes, blocks: list[int], timeout: float, first_block: int) -> None:
+        if self.fail:
+            raise TransferError("source refused")
+        try:
+            await asyncio.sleep(self.seconds)
+            self.ended = "done"
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # like UCX aborting its receives: the end takes a moment
+            self.ended = "cancelled"
+            raise
+
+    def how_ended(self) -> str | None:
+        return self.ended

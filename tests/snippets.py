@@ -2,7 +2,7 @@
 
 The marker is an HTML comment on the line directly above the opening fence:
 
-    <!-- runnable -->           run against a cluster (tests/test_docs_snippets.py starts one)
+    <!-- runnable -->           run against a cluster (tests/e2e/test_docs_snippets.py starts one)
     <!-- runnable: cluster -->  the same, spelled out
     <!-- runnable: offline -->  needs no cluster (the offline engine, config checks)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from deploy.config import DEFAULT_MODEL_DIR
 from engine.main_guard import GUARD_MESSAGE, _inside_main_guard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lines_guarded(tmp_path: Path, source: str) -> list[bool]:

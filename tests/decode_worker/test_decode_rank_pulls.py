@@ -7,39 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
 from decode_worker.rank import RankPulls
 from kv_transfer.handle import KVHandle, RankShard
 from kv_transfer.interfaces import TransferError
+from tests.fake_workers import SlowRank
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class SlowRank:
-    """A follower whose pull takes `seconds` (or fails at once with fail=True)."""
-
-    def __init__(self) -> None:
-        self.seconds, self.fail = 0.0, False
-        self.ended: str | None = None
-
-    def configure(self, seconds: float, fail: bool) -> None:
-        self.seconds, self.fail, self.ended = seconds, fail, None
-
-    async def pull(self, handle: bytes, blocks: list[int], timeout: float, first_block: int) -> None:
-        if self.fail:
-            raise TransferError("source refused")
-        try:
-            await asyncio.sleep(self.seconds)
-            self.ended = "done"
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.3)  # like UCX aborting its receives: the end takes a moment
-            self.ended = "cancelled"
-            raise
-
-    def how_ended(self) -> str | None:
-        return self.ended
 
 
 def _handle() -> KVHandle:
@@ -47,20 +27,21 @@ def _handle() -> KVHandle:
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list:  # type: ignore[type-arg]
+def ranks() -> list[ActorHandle[SlowRank]]:
     import ray
 
-    return [ray.remote(SlowRank).options(num_cpus=0).remote() for _ in range(2)]
+    # Ray's stubs type an actor class's .remote() as `ActorHandle | type` (it is the handle)
+    return [ray.remote(SlowRank).options(num_cpus=0).remote() for _ in range(2)]  # type: ignore[misc]
 
 
-def _actors(ranks: list, *specs: tuple[float, bool]) -> list:  # type: ignore[type-arg]
+def _actors(ranks: list[ActorHandle[SlowRank]], *specs: tuple[float, bool]) -> list[ActorHandle[SlowRank]]:
     import ray
 
     ray.get([r.configure.remote(s, f) for r, (s, f) in zip(ranks, specs, strict=False)])
     return ranks[: len(specs)]
 
 
-def test_cancelled_pull_waits_for_every_follower(ranks: list) -> None:  # type: ignore[type-arg]
+def test_cancelled_pull_waits_for_every_follower(ranks: list[ActorHandle[SlowRank]]) -> None:
     import ray
 
     followers = _actors(ranks, (30.0, False), (30.0, False))
@@ -80,7 +61,7 @@ def test_cancelled_pull_waits_for_every_follower(ranks: list) -> None:  # type: 
     assert 0.25 < took < 10.0  # waited for the followers' ends, not for their 30 s pulls
 
 
-def test_failed_rank_cancels_the_others_and_raises_transfer_error(ranks: list) -> None:  # type: ignore[type-arg]
+def test_failed_rank_cancels_the_others_and_raises_transfer_error(ranks: list[ActorHandle[SlowRank]]) -> None:
     import ray
 
     followers = _actors(ranks, (30.0, False), (0.0, True))
@@ -93,7 +74,7 @@ def test_failed_rank_cancels_the_others_and_raises_transfer_error(ranks: list) -
     assert ray.get(followers[0].how_ended.remote()) == "cancelled"
 
 
-def test_all_ranks_succeed_returns_rank0_result(ranks: list) -> None:  # type: ignore[type-arg]
+def test_all_ranks_succeed_returns_rank0_result(ranks: list[ActorHandle[SlowRank]]) -> None:
     import ray
 
     followers = _actors(ranks, (0.2, False))

@@ -14,13 +14,12 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.engine import EngineConfig, LLMEngine
 from engine.faults import slow_steps
 from engine.finish import FinishReason
-from engine.make_model import make_model
 from engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("tiny"), arch="llama", size="tiny")
+def tiny(model_dir: Path) -> Path:
+    return model_dir
 
 
 def _engine(path: Path) -> LLMEngine:

@@ -161,7 +161,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 def _follower_pids(address: str) -> list[int]:
     """Pids of the DecodeRank actors connected (gloo) to the decode replica serving `address`."""
-    from tests.test_reliability_e2e import pid_listening_on
+    from tests.e2e.test_reliability_e2e import pid_listening_on
 
     pairs = _tcp_pairs()
     rank0 = pid_listening_on(address)
@@ -218,8 +218,14 @@ def test_tp2_decode_pool_applies_autoscales_and_drains(kv_checkpoint: Callable[[
     """`pdserve apply` raises a TP-2 decode pool's max_replicas under load: it grows to two TP-2
     replicas; without load it drains back to one; no request fails and every block ends free."""
     from deploy.apply import apply
-    from tests.test_apply import _write
-    from tests.test_autoscale import HEARTBEAT, SCALE_DOWN_WITHIN, SCALE_UP_WITHIN, Load, _wait_for
+    from tests.e2e.test_apply import _write
+    from tests.e2e.test_autoscale import (
+        HEARTBEAT,
+        SCALE_DOWN_WITHIN,
+        SCALE_UP_WITHIN,
+        Load,
+        _wait_for,
+    )
 
     cfg = small_config(str(kv_checkpoint(2)), router={"heartbeat_seconds": HEARTBEAT},
                        prefill={"tensor_parallel_size": 1},

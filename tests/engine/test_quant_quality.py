@@ -8,7 +8,7 @@ import torch
 from deploy.config import DEFAULT_MODEL_DIR
 from engine import LLM, SamplingParams
 from engine.model import build_model
-from engine.quant import Int8Linear, QuantConfig, quantize_layer_fn
+from engine.quant import Int8Linear, QuantConfig, QuantMethod, quantize_layer_fn
 from engine.tokenizer import Tokenizer
 from tests.checkpoints import PagedRunner
 
@@ -35,7 +35,7 @@ def continuations() -> list[list[int]]:
     return [p + o.token_ids for p, o in zip(prompts, outs, strict=True)]
 
 
-def _logits(quantization: str, seqs: list[list[int]]) -> list[torch.Tensor]:
+def _logits(quantization: QuantMethod, seqs: list[list[int]]) -> list[torch.Tensor]:
     hook = quantize_layer_fn(QuantConfig(quantization)) if quantization != "none" else None
     model = build_model(DEFAULT_MODEL_DIR, torch.float32, quantize_layer=hook)
     quantized = sum(isinstance(m, Int8Linear) for m in model.modules())

@@ -9,7 +9,7 @@ import pytest
 
 from router.client import get_status
 from tests.e2e import running_cluster, small_config, wait_free
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
+from tests.e2e.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

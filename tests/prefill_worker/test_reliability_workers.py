@@ -36,6 +36,7 @@ from router.config import RouterConfig
 from router.registry import DECODE, PREFILL
 from router.request_run import RequestRun
 from router.server import RouterServer
+from tests.fake_workers import beat_into
 
 BLOCKS = 64
 HEARTBEAT = 0.25
@@ -45,13 +46,6 @@ LONG_PROMPT = list(range(1, 61))  # 4 chunks of 16 tokens
 def _prompt(seed: int) -> list[int]:
     """A 60-token prompt of its own (no prefix shared with another: the prefix cache stays out)."""
     return [(seed * 97 + 7 * i) % 900 + 1 for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    return Path(make_model(tmp_path_factory.mktemp("tiny"), arch="llama", size="tiny", seed=0))
 
 
 @dataclass
@@ -80,16 +74,6 @@ class Rig:
         return time.monotonic() - start
 
 
-async def _beat(router: RouterServer, replicas: dict[str, Any]) -> None:
-    async with grpc.aio.insecure_channel(router.internal_address) as channel:
-        stub = worker_pb2_grpc.RegistryStub(channel)
-        while True:
-            for rid, replica in list(replicas.items()):
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Heartbeat(replica.status(rid), timeout=5)
-            await asyncio.sleep(HEARTBEAT)
-
-
 async def _with_rig(model_dir: Path, body: Callable[[Rig], Awaitable[None]]) -> None:
     model = load_config(str(model_dir))
     prefill = PrefillReplica(PrefillWorkerConfig(
@@ -104,7 +88,7 @@ async def _with_rig(model_dir: Path, body: Callable[[Rig], Awaitable[None]]) -> 
         await d.start()
     await router.start()
     beating: dict[str, Any] = {"p0": prefill, **decodes}
-    beats = asyncio.get_running_loop().create_task(_beat(router, beating))
+    beats = asyncio.get_running_loop().create_task(beat_into(router, beating, HEARTBEAT))
     channel = grpc.aio.insecure_channel(router.address)
     try:
         while len(router.registry.ready(PREFILL)) + len(router.registry.ready(DECODE)) < 3:
@@ -187,7 +171,7 @@ async def _waiting_for_decode_room(rig: Rig) -> None:
     hogs = []
     for d in rig.decodes.values():
         assert d.engine is not None
-        hog = [1] * ((d.engine.num_free_blocks - 1) * d.cfg.block_size)
+        hog = [1] * ((d.engine.num_free_blocks - 1) * d.cfg.engine.block_size)
         assert await d.engine.reserve("hog", hog, 1, SamplingParams(max_tokens=1), wait=0.0) is not None
         hogs.append(d)
     call = await _start(rig, _prompt(4), rid="gap")

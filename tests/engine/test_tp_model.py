@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_tp2_matches_tp1(tmp_path: Path) -> None:
                 torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=f"{ckpt} {key}")
 
 
-def test_tp_checks_and_replicated_kv_slices(hf_checkpoint) -> None:  # type: ignore[no-untyped-def]
+def test_tp_checks_and_replicated_kv_slices(hf_checkpoint: Callable[[str], Path]) -> None:
     """tp must divide the heads; the KV heads must divide tp or tp them; rank r's k/v rows are
     KV head r * kv // tp when tp exceeds the KV heads."""
     import dataclasses

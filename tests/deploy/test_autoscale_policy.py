@@ -20,6 +20,7 @@ from deploy.autoscale import (
     serve_autoscaling_config,
 )
 from deploy.config import DecodeAutoscaling, PrefillAutoscaling
+from tests.fake_workers import FakeRegistry
 
 
 @pytest.mark.parametrize(("load", "current", "want"), [
@@ -71,20 +72,9 @@ def _ctx(target: int, metrics: dict) -> SimpleNamespace:
     return SimpleNamespace(target_num_replicas=target, aggregated_metrics=metrics)
 
 
-class _Registry(worker_pb2_grpc.RegistryServicer):
-    def __init__(self) -> None:
-        self.got: list[router_pb2.ScalingDecision] = []
-
-    async def ReportScaling(self, request, context):  # noqa: N802, ANN001, ANN201
-        from pdserve.v1 import worker_pb2
-
-        self.got.append(request)
-        return worker_pb2.HeartbeatAck(known=True)
-
-
 def test_policy_reports_each_change_of_target_with_its_reason() -> None:
     async def run() -> list[router_pb2.ScalingDecision]:
-        registry, server = _Registry(), grpc.aio.server()
+        registry, server = FakeRegistry(), grpc.aio.server()
         worker_pb2_grpc.add_RegistryServicer_to_server(registry, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -15,7 +15,7 @@ import torch
 from kv_transfer.handle import KVHandle, RankShard
 from kv_transfer.interfaces import TransferError
 from tests.e2e import RunningCluster, cancel_mid_stream, running_cluster, small_config, wait_free
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
+from tests.e2e.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 torch.set_num_threads(1)
 L, H, B, D = 2, 4, 4, 8  # layers, kv heads, block size, head dim

@@ -26,7 +26,7 @@ from pdserve.v1 import router_pb2_grpc
 
 from router.client import build_request, get_status
 from tests.e2e import RunningCluster, running_cluster, small_config
-from tests.test_reliability_e2e import pid_listening_on
+from tests.e2e.test_reliability_e2e import pid_listening_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.loadgen.idle import format_report, measure, pdserve_up, send_requests
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "local-cpu.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "local-cpu.yaml"
 
 
 def _free_port() -> int:

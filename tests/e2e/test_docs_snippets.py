@@ -17,11 +17,11 @@ shutdown is quick and quiet.
 
 Blocks meant to be run but not marked, and why:
 - `make demo`, `make test` (README top): `make test` is the whole suite (about 14 minutes on a busy
-  2-core box); `make demo` is `pdserve demo`, run by tests/test_demo.py.
+  2-core box); `make demo` is `pdserve demo`, run by tests/e2e/test_demo.py.
 - the `pdserve up` line itself: it is what the fixture below runs (it blocks until Ctrl-C).
 - docs/benchmarks.md commands: minutes each, they produce the figures, not checks.
 - docs/deploy.md `ray up`, `kubectl`, `pdserve apply my.yaml`: need a cloud account, a Kubernetes
-  cluster or the user's own file (apply is tested by tests/test_apply.py).
+  cluster or the user's own file (apply is tested by tests/e2e/test_apply.py).
 The rest are not meant to be run: YAML fragments, sample output, interface listings.
 """
 

@@ -3,7 +3,7 @@
 `ray start --head` with `{"prefill_node": 4}` and a second `ray start --address` with
 `{"decode_node": 4}`, both on loopback, with every port picked free and a private temp dir (other
 Ray instances on the machine are left alone). The scenario runs in a subprocess (`python -m
-tests.test_multinode MODEL_DIR`) because this pytest process may already be a driver of the
+tests.e2e.test_multinode MODEL_DIR`) because this pytest process may already be a driver of the
 session's local Ray. Each `ray start --block` is our own process group, stopped with SIGTERM.
 """
 
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
               "--runtime-env-agent-port", "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
 
@@ -168,7 +168,7 @@ def main(model: str) -> None:
 
 def test_each_pool_lands_on_its_node_group(hf_checkpoint: Callable[[str], Path]) -> None:
     model = str(hf_checkpoint("llama"))
-    out = subprocess.run([sys.executable, "-m", "tests.test_multinode", model], cwd=REPO, env=ray_env(),
+    out = subprocess.run([sys.executable, "-m", "tests.e2e.test_multinode", model], cwd=REPO, env=ray_env(),
                          capture_output=True, text=True, timeout=540)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, f"scenario failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"

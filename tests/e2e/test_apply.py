@@ -14,7 +14,7 @@ from deploy.config import ConfigError, DeployConfig
 from deploy.serve_app import DECODE_APP, PREFILL_APP
 from router.client import get_status
 from tests.e2e import RunningCluster, running_cluster, small_config
-from tests.test_autoscale import HEARTBEAT, SCALE_UP_WITHIN, Load, _wait_for
+from tests.e2e.test_autoscale import HEARTBEAT, SCALE_UP_WITHIN, Load, _wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

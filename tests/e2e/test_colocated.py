@@ -18,7 +18,7 @@ from deploy.config import ConfigError, DeployConfig, parse_config
 from deploy.serve_app import DECODE_APP
 from router.client import generate, get_status
 from tests.e2e import running_cluster, small_config, wait_free
-from tests.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
+from tests.e2e.test_e2e_serving import NEW_TOKENS, _generate_all, _hf_tokens, _prompts
 
 e2e = pytest.mark.usefixtures("ray_session")
 

@@ -14,7 +14,7 @@ import numpy as np
 from pdserve.v1 import kv_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
 from router.client import build_request
-from tests.test_reliability_workers import LONG_PROMPT, Rig, _run, model_dir  # noqa: F401 - fixture
+from tests.prefill_worker.test_reliability_workers import LONG_PROMPT, Rig, _run
 
 BIG = b"\x00" * (5 << 20)  # over every server's 4 MiB limit
 
@@ -139,7 +139,7 @@ async def _ucx_source_on_loop(rig: Rig) -> None:
         ep.abort()
 
 
-def test_hostile_messages_are_rejected_and_every_server_keeps_serving(model_dir: Path) -> None:  # noqa: F811
+def test_hostile_messages_are_rejected_and_every_server_keeps_serving(model_dir: Path) -> None:
     async def body(rig: Rig) -> None:
         await _router(rig)
         await _prefill(rig)

@@ -29,7 +29,7 @@ from deploy.serve_app import decode_worker_config, prefill_worker_config
 from engine.config import EngineConfig
 from router.config import RouterConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
 ROUTER_KEYS = ("host, port, internal_host, max_inflight, max_queued_prompt_tokens, "
                "default_max_tokens, heartbeat_seconds, api_keys, tls, http, metrics_port, migration")

@@ -16,7 +16,7 @@ from pdserve.v1 import router_pb2, worker_pb2_grpc
 from router.client import build_request
 from router.picker import hash_blocks
 from tests.fake_workers import EOS, Cluster, FakeDecode, FakePrefill, make_config, start_cluster
-from tests.test_router_units import INVALID
+from tests.router.test_router_units import INVALID
 
 TIMEOUT = 30
 

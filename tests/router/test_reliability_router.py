@@ -14,8 +14,8 @@ import pytest
 from pdserve.v1 import router_pb2
 
 from router.client import build_request
-from tests.fake_workers import FakeDecode, FakePrefill, make_config, start_cluster
-from tests.test_router import collect, run, status_of, wait_for
+from tests.fake_workers import Cluster, FakeDecode, FakePrefill, make_config, start_cluster
+from tests.router.test_router import collect, run, status_of, wait_for
 
 PROMPT = "abc"  # ids 97 98 99: the completion is 100, 101, ...
 
@@ -24,7 +24,7 @@ def _tokens(msgs: list[router_pb2.GenerateResponse]) -> list[int]:
     return [t for m in msgs for t in m.token_ids]
 
 
-async def _dying_and_spare(**config: object):  # type: ignore[no-untyped-def]
+async def _dying_and_spare(**config: object) -> tuple[Cluster, FakePrefill, FakeDecode, FakeDecode]:
     prefill, dying, spare = FakePrefill(), FakeDecode(batch=2), FakeDecode(batch=2)
     c = await start_cluster({"p0": prefill}, {}, make_config(**config), wait=False)
     await c.add("d-dying", dying, kv_blocks_free=900)  # picked first

@@ -8,9 +8,7 @@ Skipped until kv_transfer provides make_source / make_puller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +17,7 @@ kv_transfer = pytest.importorskip("kv_transfer")
 if not hasattr(kv_transfer, "make_source") or not hasattr(kv_transfer, "make_puller"):
     pytest.skip("kv_transfer has no make_source/make_puller yet", allow_module_level=True)
 
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2_grpc  # noqa: E402
+from pdserve.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
 from decode_worker.config import DecodeWorkerConfig  # noqa: E402
 from decode_worker.replica import DecodeReplica  # noqa: E402
@@ -30,26 +28,11 @@ from prefill_worker.replica import PrefillReplica  # noqa: E402
 from router.client import build_request  # noqa: E402
 from router.config import RouterConfig  # noqa: E402
 from router.server import RouterServer  # noqa: E402
+from tests.fake_workers import beat_into  # noqa: E402
 
 BACKEND = "ucx"
 BLOCKS = 64
 HEARTBEAT = 0.2
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    make_model = pytest.importorskip("engine.make_model")
-    return Path(make_model.make_model(tmp_path_factory.mktemp("tiny"), arch="llama", size="tiny", seed=0))
-
-
-async def _heartbeats(router: RouterServer, replicas: dict[str, Any]) -> None:
-    async with grpc.aio.insecure_channel(router.internal_address) as channel:
-        stub = worker_pb2_grpc.RegistryStub(channel)
-        while True:
-            for rid, replica in replicas.items():
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Heartbeat(replica.status(rid), timeout=5)
-            await asyncio.sleep(HEARTBEAT)
 
 
 async def _scenario(model_dir: Path) -> None:
@@ -68,7 +51,7 @@ async def _scenario(model_dir: Path) -> None:
     await prefill.start()
     await decode.start()
     await router.start()
-    beats = asyncio.get_running_loop().create_task(_heartbeats(router, {"p0": prefill, "d0": decode}))
+    beats = asyncio.get_running_loop().create_task(beat_into(router, {"p0": prefill, "d0": decode}, HEARTBEAT))
     channel = grpc.aio.insecure_channel(router.address)
     try:
         for _ in range(200):

@@ -1,6 +1,6 @@
 """The OpenAI HTTP door end to end: a real cluster (router + Serve pools, KV over UCX, the bundled
 default model and its chat template), driven by the official `openai` SDK. Prefill TP=1 keeps the
-start short (the door does not depend on TP; TP=2 is covered by tests/test_e2e_serving.py).
+start short (the door does not depend on TP; TP=2 is covered by tests/e2e/test_e2e_serving.py).
 
 Every answer is checked against the gRPC API on the same cluster: greedy text, token counts and
 finish reasons must be equal, since both doors enter the same request flow.
@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from deploy.config import DEFAULT_MODEL_DIR
 from router.client import Endpoint, generate, generate_stream
@@ -73,7 +74,7 @@ def test_completions_equal_grpc_sync(cluster: RunningCluster) -> None:
     for prompt in (*PROMPTS, IDS):
         want = generate(_grpc(cluster), prompt, max_tokens=N, timeout=60)
         got = client.completions.create(model="tiny-py", prompt=prompt, max_tokens=N, temperature=0)
-        assert got.object == "text_completion"
+        assert got.object == "text_completion" and got.usage is not None
         assert got.choices[0].text == want.text
         assert got.choices[0].finish_reason == want.finish_reason
         assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
@@ -100,24 +101,27 @@ def test_completions_stream_async_with_usage_and_logprobs(cluster: RunningCluste
     assert [c.choices[0].finish_reason for c in content] == [None] * (len(content) - 1) + ["length"]
     logprobs = [lp for c in content for lp in c.choices[0].logprobs.token_logprobs]
     assert len(logprobs) == N and logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    assert last.usage is not None
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(IDS), N)
 
 
 def test_chat_renders_the_template_like_transformers_and_equals_grpc(cluster: RunningCluster) -> None:
-    messages = [{"role": "system", "content": "You document Python."},
-                {"role": "user", "content": [{"type": "text", "text": "What is a list?"}]}]
-    flat = [messages[0], {"role": "user", "content": "What is a list?"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You document Python."},
+        {"role": "user", "content": [{"type": "text", "text": "What is a list?"}]}]
+    flat: list[dict[str, Any]] = [dict(messages[0]), {"role": "user", "content": "What is a list?"}]
     want = generate(_grpc(cluster), _hf_chat_prompt(flat), max_tokens=N, timeout=60)
-    got = _client(cluster).chat.completions.create(model="tiny-py", messages=messages,  # type: ignore[arg-type]
+    got = _client(cluster).chat.completions.create(model="tiny-py", messages=messages,
                                                    max_completion_tokens=N)
     assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.usage is not None
     assert got.choices[0].message.content == want.text
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
 
     async def run() -> list[Any]:
         async with openai.AsyncOpenAI(base_url=_url(cluster), api_key=KEY, max_retries=0) as client:
             stream = await client.chat.completions.create(
-                model="tiny-py", messages=messages, max_tokens=N, stream=True,  # type: ignore[arg-type]
+                model="tiny-py", messages=messages, max_tokens=N, stream=True,
                 stream_options={"include_usage": True})
             return [chunk async for chunk in stream]
 
@@ -140,7 +144,7 @@ def test_sync_stream_and_request_id_echo(cluster: RunningCluster) -> None:
 
 
 LONG = " ".join(str(i) for i in range(600))  # more tokens than the 512-token context
-BAD_INPUTS = [  # the gRPC validation table (tests/test_router.py), through HTTP
+BAD_INPUTS = [  # the gRPC validation table (tests/router/test_router.py), through HTTP
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -232,7 +236,7 @@ def test_disconnect_mid_stream_frees_every_block_within_1s(cluster: RunningClust
 def test_bench_drives_the_http_door(cluster: RunningCluster, tmp_path: Path) -> None:
     """`pdserve bench --endpoint openai`: the gRPC bench's workload and metrics, through SSE."""
     from benchmarks.loadgen.cli import main as bench_main
-    from tests.test_bench import check_run
+    from tests.deploy.test_bench import check_run
 
     out = tmp_path / "bench"
     rc = bench_main(["--endpoint", "openai", "--address", cluster.cluster.router.http_address,
@@ -289,7 +293,7 @@ def test_http_uses_the_grpc_ports_tls_and_keys(tmp_path: Path) -> None:
 
     from router.config import RouterConfig
     from router.server import RouterServer
-    from tests.test_router_security import _self_signed
+    from tests.router.test_router_security import _self_signed
 
     cert, key = _self_signed(tmp_path)
     config = RouterConfig(vocab_size=100, context_len=64, port=0, http_port=0, api_keys=("k1",),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen.cli import main as bench_main
+from tests.deploy.test_bench import check_png, check_run
 from tests.e2e import running_cluster, small_config
-from tests.test_bench import check_png, check_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
