@@ -12,36 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-from collections.abc import Callable
 from typing import Any
 
-import grpc
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.v1 import worker_pb2
 from ray import serve
 
 from decode_worker.colocated import ColocatedReplica, ColocatedWorkerConfig
 from deploy.config import DeployConfig
-from deploy.serve_app import _actor_options, _PoolReplica, build_decode_app, decode_worker_config
+from deploy.serve_app import (
+    _actor_options,
+    _PoolReplica,
+    build_decode_app,
+    decode_worker_config,
+    heartbeat_loop,
+)
 from engine.cpus import thread_cores
-
-log = logging.getLogger(__name__)
 
 PREFILL_ID_SUFFIX = "-prefill"
 DRAIN_SECONDS = 120.0  # a leaving replica gets this long to finish its generations
 SHUTDOWN_MARGIN_SECONDS = 5.0
-
-
-async def _announce(registry: str, status: Callable[[], worker_pb2.WorkerStatus], period: float) -> None:
-    """Heartbeats `status()` (the PREFILL role) every `period` seconds until cancelled."""
-    async with grpc.aio.insecure_channel(registry) as channel:
-        stub = worker_pb2_grpc.RegistryStub(channel)
-        while True:
-            try:
-                await stub.Heartbeat(status(), timeout=max(1.0, 2 * period))
-            except grpc.aio.AioRpcError as exc:
-                log.debug("prefill-role heartbeat to %s failed: %s", registry, exc.code())
-            await asyncio.sleep(period)
 
 
 @serve.deployment(health_check_period_s=2, graceful_shutdown_timeout_s=10)
@@ -52,8 +41,8 @@ class ColocatedDeployment(_PoolReplica):
         self._beat_prefill: asyncio.Task[None] | None = None
         await self._begin(cfg.decode.registry_address, cfg.decode.heartbeat_seconds)
         if cfg.announce_prefill:
-            self._beat_prefill = asyncio.get_running_loop().create_task(_announce(
-                cfg.decode.registry_address, self._prefill_status, cfg.decode.heartbeat_seconds))
+            self._beat_prefill = asyncio.get_running_loop().create_task(heartbeat_loop(
+                cfg.decode.registry_address, self._prefill_status, cfg.decode.heartbeat_seconds, asyncio.Event()))
 
     def _prefill_status(self) -> worker_pb2.WorkerStatus:
         st = self.colocated.prefill_status(self.replica_id + PREFILL_ID_SUFFIX)

@@ -39,7 +39,7 @@ from decode_worker.config import DecodeWorkerConfig
 from decode_worker.replica import DecodeReplica
 from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_config
 from deploy.config import DeployConfig
-from deploy.schema import ResourcesSection
+from deploy.schema import DecodeSection, PrefillSection, ResourcesSection
 from engine.config import EngineConfig
 from kv_transfer.faults import fail_next_pulls
 from prefill_worker.config import PrefillWorkerConfig
@@ -261,10 +261,6 @@ def decode_worker_config(cfg: DeployConfig, registry: str) -> DecodeWorkerConfig
     )
 
 
-LIVE_PREFILL = ("lease_seconds",)
-LIVE_DECODE = ("transfer_timeout_seconds",)
-
-
 def version_of(worker: Any, live: tuple[str, ...], options: dict[str, Any]) -> str:
     """What forces a restart: the worker config without its live fields, and the Ray options."""
     fixed = dataclasses.replace(worker, **{name: 0.0 for name in live})
@@ -283,33 +279,32 @@ def _scaling(pool: str, replicas: int, autoscaling: Any, registry: str, cfg: Dep
 
 def build_prefill_app(cfg: DeployConfig, registry: str, initial: bool = True) -> serve.Application:
     """initial=False: a live update (autoscaling keeps the current replica count)."""
-    p, worker = cfg.prefill, prefill_worker_config(cfg, registry)
-    options: dict[str, Any] = {"ray_actor_options": _actor_options(p.resources)}
-    if p.tensor_parallel_size > 1:
-        options["placement_group_bundles"] = [_bundle(p.resources)] * p.tensor_parallel_size
-        options["placement_group_strategy"] = "PACK"
-    version = version_of(worker, LIVE_PREFILL, options)
-    return PrefillDeployment.options(
-        **options, **_scaling("prefill", p.replicas, p.autoscaling, registry, cfg, initial),
-        user_config={"lease_seconds": cfg.kv_transfer.lease_seconds},
-        graceful_shutdown_timeout_s=cfg.kv_transfer.lease_seconds + DRAIN_MARGIN_SECONDS
-        + DRAIN_HEARTBEATS * cfg.router.heartbeat_seconds,
-        version=version, _internal=True,
-    ).bind(worker)
+    live = {"lease_seconds": cfg.kv_transfer.lease_seconds}
+    drain = cfg.kv_transfer.lease_seconds
+    return _pool_app(PrefillDeployment, "prefill", cfg.prefill, prefill_worker_config(cfg, registry), live, drain,
+                     cfg, registry, initial)
 
 
 def build_decode_app(cfg: DeployConfig, registry: str, initial: bool = True) -> serve.Application:
     """initial=False: a live update (autoscaling keeps the current replica count)."""
-    d, worker = cfg.decode, decode_worker_config(cfg, registry)
-    options: dict[str, Any] = {"ray_actor_options": _actor_options(d.resources)}
-    if d.tensor_parallel_size > 1:
-        options["placement_group_bundles"] = [_bundle(d.resources)] * d.tensor_parallel_size
+    live = {"transfer_timeout_seconds": cfg.kv_transfer.timeout_seconds}
+    return _pool_app(DecodeDeployment, "decode", cfg.decode, decode_worker_config(cfg, registry), live,
+                     DECODE_DRAIN_SECONDS, cfg, registry, initial)
+
+
+def _pool_app(deployment: Any, name: str, pool: PrefillSection | DecodeSection,
+              worker: PrefillWorkerConfig | DecodeWorkerConfig, live: dict[str, float], drain: float,
+              cfg: DeployConfig, registry: str, initial: bool) -> serve.Application:
+    """One pool's Serve application: a replica per TP group (its ranks packed in a placement group),
+    `live` settings changed through user_config, `drain` seconds to finish work when it leaves."""
+    options: dict[str, Any] = {"ray_actor_options": _actor_options(pool.resources)}
+    if pool.tensor_parallel_size > 1:
+        options["placement_group_bundles"] = [_bundle(pool.resources)] * pool.tensor_parallel_size
         options["placement_group_strategy"] = "PACK"
-    version = version_of(worker, LIVE_DECODE, options)
-    return DecodeDeployment.options(
-        **options, **_scaling("decode", d.replicas, d.autoscaling, registry, cfg, initial),
-        user_config={"transfer_timeout_seconds": cfg.kv_transfer.timeout_seconds},
-        graceful_shutdown_timeout_s=DECODE_DRAIN_SECONDS + DRAIN_MARGIN_SECONDS
-        + DRAIN_HEARTBEATS * cfg.router.heartbeat_seconds,
+    version = version_of(worker, tuple(live), options)
+    return deployment.options(
+        **options, **_scaling(name, pool.replicas, pool.autoscaling, registry, cfg, initial),
+        user_config=live,
+        graceful_shutdown_timeout_s=drain + DRAIN_MARGIN_SECONDS + DRAIN_HEARTBEATS * cfg.router.heartbeat_seconds,
         version=version, _internal=True,
     ).bind(worker)

@@ -1,4 +1,4 @@
-"""`tokenizer.json` (Hugging Face `tokenizers`) wrapper and an incremental detokenizer."""
+"""`tokenizer.json` (Hugging Face `tokenizers`) wrapper (the incremental detokenizer is engine.stop's)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine.config import CheckpointError, load_config
-
-REPLACEMENT_CHAR = "\ufffd"
 
 
 class Tokenizer:
@@ -47,34 +45,3 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
-
-
-class IncrementalDecoder:
-    """Turn a stream of token ids into text deltas that never split a UTF-8 character.
-
-    Decodes a short window of recent tokens (so merges and leading-space rules are right) and
-    holds back text that ends in an incomplete character until later ids complete it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
-        self._tok = tokenizer
-        self._ids: list[int] = list(prompt_ids)
-        self._prefix = max(len(self._ids) - 5, 0)  # window start: context for the next delta
-        self._read = len(self._ids)  # tokens before this are already emitted
-
-    def push(self, new_ids: Sequence[int]) -> str:
-        """Append ids; return the newly completed text ("" while a character is incomplete)."""
-        self._ids.extend(new_ids)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return full_text[len(prefix_text) :]
-
-    def flush(self) -> str:
-        """Whatever is held back at the end of the stream (may contain U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text) :]

@@ -15,8 +15,7 @@ import torch
 from pdserve.v1 import kv_pb2
 
 from kv_transfer.interfaces import TransferError, TransferState
-from kv_transfer.payload import make_landing
-from kv_transfer.puller import KVPuller
+from kv_transfer.puller import KVPuller, ShardPull
 from kv_transfer.source import KVSource
 
 
@@ -79,27 +78,20 @@ class FakePuller(KVPuller):
         self._delay = delay  # seconds per shard, to exercise timeouts in worker tests
         self._clock = clock
 
-    async def _pull_shard(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
+    async def _pull_shard(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        request = pull.request
         self._set_state(request.request_id, TransferState.CONNECTING)
-        source = self._registry.get(endpoint)
+        source = self._registry.get(pull.endpoint)
         if self._delay:
             await asyncio.sleep(self._delay)
-        await source.wait_ready(request.SerializeToString(), max(0.0, deadline - time.monotonic()))
+        await source.wait_ready(request.SerializeToString(), max(0.0, pull.deadline - time.monotonic()))
         answer = source.answer(request.SerializeToString())
         response = kv_pb2.PullResponse.FromString(answer.response.SerializeToString())
         if not response.ok:
-            raise TransferError(f"source {endpoint} refused: {response.error}")
+            raise TransferError(f"source {pull.endpoint} refused: {response.error}")
         self._set_state(request.request_id, TransferState.TRANSFERRING)
-        landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
-        if landing.nbytes != response.payload_bytes:
-            raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
+        landing = self._landing(pull)
+        landing.expect(response.payload_bytes, pull.endpoint)
         for buf, tensor in zip(landing.buffers, answer.tensors, strict=True):
             buf.copy_(tensor)
         answer.sent()

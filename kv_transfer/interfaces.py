@@ -30,6 +30,17 @@ class TransferState(enum.Enum):
     FAILED = "failed"  # TransferError raised; destination blocks hold garbage
 
 
+class RankKV:
+    """One TP rank's KV cache as either side of a transfer holds it (layout checked on entry)."""
+
+    def __init__(self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
+        check_layout(kv, rank, tp_size, num_kv_heads)
+        self.kv = kv  # [N, L, 2, H_rank, B, D]
+        self.rank = rank
+        self.tp_size = tp_size
+        self.num_kv_heads = num_kv_heads
+
+
 def check_layout(kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
     """kv must be [num_blocks, num_layers, 2, heads of the rank, block_size, head_dim] (heads of
     the rank: num_kv_heads / tp_size, or 1 when tp_size exceeds num_kv_heads)."""

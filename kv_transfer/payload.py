@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.interfaces import MAX_SEGMENTS
+from kv_transfer.interfaces import MAX_SEGMENTS, TransferError
 
 
 class StagingPool:
@@ -119,6 +119,11 @@ class Landing:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def expect(self, payload_bytes: int, source: str) -> None:
+        """Raises TransferError unless the source announced exactly the bytes these buffers take."""
+        if payload_bytes != self.nbytes:
+            raise TransferError(f"payload {payload_bytes} B from {source}, expected {self.nbytes} B")
 
     def finish(self) -> None:
         """Copies staged segments into kv[dst, :, :, heads] and returns the staging buffers.

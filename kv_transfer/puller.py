@@ -7,7 +7,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,12 +15,23 @@ from pdserve.v1 import kv_pb2
 
 from kv_transfer.handle import KVHandle, dtype_name
 from kv_transfer.host import HOST_ID
-from kv_transfer.interfaces import MAX_TRACKED_STATES, TransferError, TransferState, check_layout
-from kv_transfer.payload import StagingPool, plan_segments
+from kv_transfer.interfaces import MAX_TRACKED_STATES, RankKV, TransferError, TransferState
+from kv_transfer.payload import Landing, StagingPool, make_landing, plan_segments
 from kv_transfer.reshard import PullPlan, plan_pulls
 
 
-class KVPuller(ABC):
+@dataclass(frozen=True, slots=True)
+class ShardPull:
+    """One prefill rank's part of a pull: which source, what to ask it, where its KV lands."""
+
+    endpoint: str
+    request: kv_pb2.PullRequest
+    dst_block_ids: list[int]
+    dst_heads: tuple[int, int]  # this rank's heads the payload fills: [start, end)
+    deadline: float  # time.monotonic() seconds
+
+
+class KVPuller(RankKV, ABC):
     """Decode side: pulls a request's KV blocks into blocks this rank allocated.
 
     The decode worker calls `await pull(handle, dst_block_ids, timeout)` once per request (raises
@@ -30,11 +41,7 @@ class KVPuller(ABC):
     """
 
     def __init__(self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
-        check_layout(kv, rank, tp_size, num_kv_heads)
-        self.kv = kv  # [N, L, 2, H_rank, B, D]
-        self.rank = rank
-        self.tp_size = tp_size
-        self.num_kv_heads = num_kv_heads
+        super().__init__(kv, rank, tp_size, num_kv_heads)
         self._states: dict[str, TransferState] = {}
         self.pool = StagingPool()
 
@@ -109,19 +116,16 @@ class KVPuller(ABC):
             by_index=by_index,
             lease_token=handle.lease_token,
         )
-        return await self._pull_shard(shard.endpoint, req, dst, plan.dst_heads, deadline)
+        return await self._pull_shard(ShardPull(shard.endpoint, req, dst, plan.dst_heads, deadline))
 
     @abstractmethod
-    async def _pull_shard(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,  # time.monotonic() seconds
-    ) -> kv_pb2.PullResponse:
-        """Sends request to the source at endpoint, lands the payload with payload.Landing and
-        returns the source's (ok) PullResponse."""
+    async def _pull_shard(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        """Sends pull.request to the source at pull.endpoint, lands the payload with
+        payload.Landing and returns the source's (ok) PullResponse."""
+
+    def _landing(self, pull: ShardPull) -> Landing:
+        """Where pull's payload segments are received (its blocks, or staging when scattered)."""
+        return make_landing(self.kv, pull.dst_block_ids, list(pull.request.segments), pull.dst_heads, self.pool)
 
     @abstractmethod
     async def close(self) -> None:

@@ -16,7 +16,7 @@ from pdserve.v1 import kv_pb2
 
 from kv_transfer.grants import Grants, grant, streamed_grant
 from kv_transfer.host import HOST_ID, local_pool
-from kv_transfer.interfaces import MAX_REQUEST_BYTES, MAX_SEGMENTS, TransferError, check_layout
+from kv_transfer.interfaces import MAX_REQUEST_BYTES, MAX_SEGMENTS, RankKV, TransferError
 from kv_transfer.payload import StagingPool, source_tensors
 
 
@@ -42,7 +42,7 @@ def refuse(error: str) -> Answer:
     return Answer(kv_pb2.PullResponse(ok=False, error=error))
 
 
-class KVSource(ABC):
+class KVSource(RankKV, ABC):
     """Prefill side: serves one TP rank's KV blocks to decode ranks.
 
     The prefill worker calls: `await start(host)` once (the endpoint goes into every RankShard),
@@ -56,11 +56,7 @@ class KVSource(ABC):
     """
 
     def __init__(self, kv: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int) -> None:
-        check_layout(kv, rank, tp_size, num_kv_heads)
-        self.kv = kv  # [N, L, 2, H_rank, B, D]
-        self.rank = rank
-        self.tp_size = tp_size
-        self.num_kv_heads = num_kv_heads
+        super().__init__(kv, rank, tp_size, num_kv_heads)
         self.grants = Grants()
         self.pool = StagingPool()
         self.local = local_pool(kv)  # set: pullers on this host may copy from the pool themselves

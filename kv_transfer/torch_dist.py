@@ -29,8 +29,7 @@ import torch.distributed as dist
 from pdserve.v1 import kv_pb2
 
 from kv_transfer.interfaces import MAX_REQUEST_BYTES, TransferError, TransferState
-from kv_transfer.payload import make_landing
-from kv_transfer.puller import KVPuller
+from kv_transfer.puller import KVPuller, ShardPull
 from kv_transfer.source import KVSource, refuse
 
 
@@ -205,24 +204,11 @@ class TorchDistPuller(KVPuller):
         for link in links:
             await asyncio.to_thread(self._bye, link)
 
-    async def _pull_shard(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
-        return await asyncio.to_thread(self._pull_blocking, endpoint, request, dst_block_ids, dst_heads, deadline)
+    async def _pull_shard(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        return await asyncio.to_thread(self._pull_blocking, pull)
 
-    def _pull_blocking(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
+    def _pull_blocking(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        endpoint, request, deadline = pull.endpoint, pull.request, pull.deadline
         self._set_state(request.request_id, TransferState.CONNECTING)
         link = self.link(endpoint, deadline)
         with link.lock:
@@ -231,9 +217,8 @@ class TorchDistPuller(KVPuller):
                 if not response.ok:
                     raise TransferError(f"source {endpoint} refused: {response.error}")
                 self._set_state(request.request_id, TransferState.TRANSFERRING)
-                landing = make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
-                if landing.nbytes != response.payload_bytes:
-                    raise TransferError(f"payload {response.payload_bytes} B, expected {landing.nbytes} B")
+                landing = self._landing(pull)
+                landing.expect(response.payload_bytes, endpoint)
                 link.pair.recv_tensors(landing.buffers, deadline)
                 landing.finish()
                 return response

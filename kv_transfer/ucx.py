@@ -48,8 +48,7 @@ from pdserve.v1 import kv_pb2
 from kv_transfer import ucx_loop
 from kv_transfer.host import HOST_ID
 from kv_transfer.interfaces import MAX_REQUEST_BYTES, TransferError, TransferState
-from kv_transfer.payload import make_landing
-from kv_transfer.puller import KVPuller
+from kv_transfer.puller import KVPuller, ShardPull
 from kv_transfer.source import KVSource, refuse
 from kv_transfer.ucx_loop import on_ucx_loop
 
@@ -333,67 +332,45 @@ class UCXPuller(KVPuller):
         if self._connecting:  # let abandoned connections end (and close) on this loop
             await asyncio.wait(set(self._connecting), timeout=self.config.connect_timeout + 1.0)
 
-    async def _pull_shard(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
-        return await on_ucx_loop(self._pull_on_loop(endpoint, request, dst_block_ids, dst_heads, deadline))
+    async def _pull_shard(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        return await on_ucx_loop(self._pull_on_loop(pull))
 
-    async def _pull_on_loop(
-        self,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
-        async with self._locks.setdefault(endpoint, asyncio.Lock()):
-            self._set_state(request.request_id, TransferState.CONNECTING)
-            ep = await self._connect(endpoint, deadline)
+    async def _pull_on_loop(self, pull: ShardPull) -> kv_pb2.PullResponse:
+        async with self._locks.setdefault(pull.endpoint, asyncio.Lock()):
+            self._set_state(pull.request.request_id, TransferState.CONNECTING)
+            ep = await self._connect(pull.endpoint, pull.deadline)
             try:
-                return await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
+                return await self._exchange(ep, pull)
             except BaseException:
-                self._drop(endpoint)  # cancels receives posted into kv; the next pull reconnects
+                self._drop(pull.endpoint)  # cancels receives posted into kv; the next pull reconnects
                 raise
 
-    async def _exchange(
-        self,
-        ep: Any,
-        endpoint: str,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
+    async def _exchange(self, ep: Any, pull: ShardPull) -> kv_pb2.PullResponse:
         """Posts the response and payload receives, then sends the request: one round trip.
         Asking for a same-host read, it posts the payload receives only if the source sends the
         payload after all (UCX holds what arrives first). On any failure the caller aborts ep,
         which cancels the receives posted into kv."""
+        request, deadline = pull.request, pull.deadline
         request.tag = secrets.randbits(63)
         if self.config.shared_memory:
             request.reply_address = self._worker_address()
-        if self.config.same_host_read and HOST_ID and endpoint not in self._not_local:
+        if self.config.same_host_read and HOST_ID and pull.endpoint not in self._not_local:
             request.local_host = HOST_ID
-        landing = None if request.local_host else self._landing(dst_block_ids, request, dst_heads)
+        landing = None if request.local_host else self._landing(pull)
         reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
         payload = None if landing is None else self._receive(ep, request, landing)
         try:
             await _within(deadline, send_message(ep, request.SerializeToString()))
             response = kv_pb2.PullResponse.FromString(await _within(deadline, reply) or b"")
             if not response.ok:
-                raise TransferError(f"source {endpoint} refused: {response.error}")
+                raise TransferError(f"source {pull.endpoint} refused: {response.error}")
             self._set_state(request.request_id, TransferState.TRANSFERRING)
             if response.HasField("local"):
-                return await self._read_local(ep, endpoint, response, request, dst_block_ids, dst_heads, deadline)
+                return await self._read_local(ep, response, pull)
             if landing is None:
-                landing = self._landing(dst_block_ids, request, dst_heads)
+                landing = self._landing(pull)
                 payload = self._receive(ep, request, landing)
-            if landing.nbytes != response.payload_bytes:
-                raise TransferError(f"payload {response.payload_bytes} B from {endpoint}, expected {landing.nbytes} B")
+            landing.expect(response.payload_bytes, pull.endpoint)
             assert payload is not None
             await _within(deadline, payload)
         finally:
@@ -403,9 +380,6 @@ class UCXPuller(KVPuller):
                     task.add_done_callback(_retrieved)
         landing.finish()
         return response
-
-    def _landing(self, dst_block_ids: list[int], request: kv_pb2.PullRequest, dst_heads: tuple[int, int]) -> Any:
-        return make_landing(self.kv, dst_block_ids, list(request.segments), dst_heads, self.pool)
 
     @staticmethod
     def _receive(ep: Any, request: kv_pb2.PullRequest, landing: Any) -> asyncio.Future[Any]:
@@ -419,19 +393,11 @@ class UCXPuller(KVPuller):
             )
         )
 
-    async def _read_local(
-        self,
-        ep: Any,
-        endpoint: str,
-        response: kv_pb2.PullResponse,
-        request: kv_pb2.PullRequest,
-        dst_block_ids: list[int],
-        dst_heads: tuple[int, int],
-        deadline: float,
-    ) -> kv_pb2.PullResponse:
+    async def _read_local(self, ep: Any, response: kv_pb2.PullResponse, pull: ShardPull) -> kv_pb2.PullResponse:
         """Same-host read: copies the blocks out of the source's mapped pool, then asks the source
         whether they stayed leased. A pool this process cannot map (another user, a container's
         /proc) is reported to the source and the pull is made again with the payload sent."""
+        endpoint, request, deadline = pull.endpoint, pull.request, pull.deadline
         try:
             src = await self._mapped_pool(endpoint, response.local)
         except (OSError, ValueError, TransferError) as e:
@@ -440,13 +406,13 @@ class UCXPuller(KVPuller):
             await _within(deadline, recv_message(ep, MAX_REQUEST_BYTES))
             request.local_host = ""
             log.info("KV source %s: no same-host read (%s: %s); it sends the payload", endpoint, type(e).__name__, e)
-            return await self._exchange(ep, endpoint, request, dst_block_ids, dst_heads, deadline)
-        src_ids = list(response.local_block_ids)
-        if len(src_ids) != len(dst_block_ids) or not all(0 <= b < src.shape[0] for b in src_ids):
+            return await self._exchange(ep, pull)
+        src_ids, dst_ids, dst_heads = list(response.local_block_ids), pull.dst_block_ids, pull.dst_heads
+        if len(src_ids) != len(dst_ids) or not all(0 <= b < src.shape[0] for b in src_ids):
             raise TransferError(f"source {endpoint}: bad block ids for a same-host read")
-        copy = functools.partial(copy_blocks, src, self.kv, src_ids, dst_block_ids,
+        copy = functools.partial(copy_blocks, src, self.kv, src_ids, dst_ids,
                                  (request.head_start, request.head_end), dst_heads)
-        nbytes = len(dst_block_ids) * self.kv[0, :, :, dst_heads[0] : dst_heads[1]].nbytes
+        nbytes = len(dst_ids) * self.kv[0, :, :, dst_heads[0] : dst_heads[1]].nbytes
         if nbytes <= INLINE_COPY_BYTES:
             copy()  # a millisecond at most: cheaper than a hop to a thread
         else:

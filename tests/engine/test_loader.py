@@ -15,7 +15,8 @@ from engine import loader
 from engine.config import CheckpointError, load_config
 from engine.make_model import make_model, write_safetensors
 from engine.model import build_model
-from engine.tokenizer import IncrementalDecoder, Tokenizer
+from engine.stop import IncrementalDetokenizer
+from engine.tokenizer import Tokenizer
 from engine.tp import TPInfo
 
 torch.set_num_threads(1)
@@ -246,8 +247,8 @@ def test_tokenizer_roundtrip_and_incremental(base: Path) -> None:
     text = "def f(x): return x  # naïve 🙂 café"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    dec = IncrementalDecoder(tok, tok.encode("prompt:"))
-    pieces = [dec.push([i]) for i in ids] + [dec.flush()]
+    dec = IncrementalDetokenizer(tok, tok.encode("prompt:"))
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
 
