@@ -18,9 +18,9 @@ import torch
 from pdserve.v1 import kv_pb2
 
 from decode_worker.config import DecodeWorkerConfig
+from engine.config import DTYPES
 from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
-from engine.engine import DTYPES
 from kv_transfer import make_puller
 from kv_transfer.handle import KVHandle
 from kv_transfer.interfaces import TransferError

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)  # the dtypes weights and KV may have
 _DEFAULT_ROPE_THETA = 10000.0
 
 DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "default_model")  # the bundled tiny Llama

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig, load_config
+from engine.config import DTYPES, EngineConfig, ModelConfig, load_config
 from engine.distributed import StepBroadcaster
 from engine.finish import FinishReason
 from engine.kv_cache import BlockAllocator, CacheConfig, allocate_kv, kv_block_bytes
@@ -31,8 +31,6 @@ from engine.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from engine.stop import StopStrings
 from engine.tokenizer import Tokenizer
 from engine.tp import TPInfo
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(slots=True)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.config import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, load_config
+from engine.config import BLOCK_SIZE, DTYPES, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, load_config
 from engine.distributed import run_follower
-from engine.engine import DTYPES, EngineConfig, LLMEngine, resolve_cache_config
+from engine.engine import EngineConfig, LLMEngine, resolve_cache_config
 from engine.finish import FinishReason
 from engine.kv_cache import CacheConfig
 from engine.main_guard import GUARD_MESSAGE, check_spawn_safe

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 import torch
 from pdserve.v1 import kv_pb2
 
+from engine.config import DTYPES
 from engine.tp import tp_kv_error
 from kv_transfer.interfaces import TransferError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

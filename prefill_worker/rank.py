@@ -14,9 +14,9 @@ import threading
 import torch
 from pdserve.v1 import kv_pb2
 
+from engine.config import DTYPES
 from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
-from engine.engine import DTYPES
 from kv_transfer import make_source
 from kv_transfer.host import HOST_ID
 from kv_transfer.source import KVSource

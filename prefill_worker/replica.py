@@ -19,10 +19,10 @@ import torch
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from engine.async_engine import AsyncEngine
-from engine.config import load_config
+from engine.config import DTYPES, load_config
 from engine.cpus import pin_process
 from engine.distributed import GroupSpec, free_port, init_group
-from engine.engine import DTYPES, LLMEngine, resolve_cache_config
+from engine.engine import LLMEngine, resolve_cache_config
 from kv_transfer import make_source
 from kv_transfer.host import HOST_ID
 from kv_transfer.source import KVSource
