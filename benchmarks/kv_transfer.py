@@ -34,9 +34,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from engine.kv_cache import shareable_zeros  # noqa: E402 - after the sys.path fix above
+from kv_transfer import serve_on_running_loop  # noqa: E402
+from kv_transfer.ucx_loop import DEFAULT_TLS  # noqa: E402
 
 L, H, B, D = 8, 8, 16, 64  # one block: L * 2 * H * B * D * 4 bytes = 1 MiB
 BLOCK_BYTES = L * 2 * H * B * D * 4
+# The puller runs every backend on this one loop, which lives as long as the process (as a decode
+# replica's does), so UCX may run on it (kv_transfer.serve_on_running_loop).
+PULLER_LOOP = asyncio.new_event_loop()
 
 
 def make_source(backend: str, kv: torch.Tensor) -> Any:
@@ -64,6 +69,7 @@ def source_main(backend: str, num_blocks: int, conn: Any) -> None:
     torch.set_num_threads(1)
 
     async def serve() -> None:
+        serve_on_running_loop(backend)  # as a prefill replica's loop does
         kv = shareable_zeros((num_blocks, L, 2, H, B, D), torch.float32)  # as the engine allocates it
         kv.copy_(torch.randn(kv.shape))
         source = make_source(backend, kv)
@@ -150,6 +156,7 @@ def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> lis
     rows = []
 
     async def run_sizes() -> None:
+        serve_on_running_loop(backend)  # as a decode replica's loop does
         for mb in sizes:
             n = mb * 2**20 // BLOCK_BYTES
             pull, copy = await measure(puller, endpoint, n, args.pattern, args.repeats)
@@ -157,7 +164,7 @@ def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> lis
         await puller.close()
 
     try:
-        asyncio.run(run_sizes())
+        PULLER_LOOP.run_until_complete(run_sizes())
     finally:
         parent.send("stop")
         proc.join(10)
@@ -172,11 +179,12 @@ def main() -> None:
                         help="ucx: same-host read from the source's pool; ucx-payload: the payload over UCX")
     parser.add_argument("--pattern", choices=["contiguous", "scattered"], default="contiguous")
     parser.add_argument("--no-shm", action="store_true", help="UCX payload over the tcp control connection")
-    parser.add_argument("--tls", default=None, help="UCX_TLS for both processes")
+    parser.add_argument("--tls", default=None, help="UCX_TLS for both processes (default: pdserve's, ^cma)")
     parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip ucx_perftest")
     args = parser.parse_args()
-    if args.tls:
-        os.environ["UCX_TLS"] = args.tls
+    # pdserve's own default (kv_transfer.ucx_loop.DEFAULT_TLS) unless --tls: ucx_perftest, the
+    # raw figure, must run with the same transports
+    os.environ["UCX_TLS"] = args.tls or os.environ.get("UCX_TLS", DEFAULT_TLS)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -21,7 +21,7 @@ from decode_worker.config import DecodeWorkerConfig
 from engine.config import DTYPES
 from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
-from kv_transfer import make_puller
+from kv_transfer import make_puller, serve_on_running_loop
 from kv_transfer.handle import KVHandle
 from kv_transfer.interfaces import TransferError
 from kv_transfer.puller import KVPuller
@@ -40,6 +40,7 @@ class DecodeRank:
         self.thread: threading.Thread | None = None
 
     async def start(self) -> None:
+        serve_on_running_loop(self.cfg.kv_backend)
         follower = await asyncio.to_thread(self._build)
         self.puller = make_puller(self.cfg.kv_backend, follower.kv, self.rank, self.spec.world_size,
                                   follower.model.config.num_kv_heads, same_host_read=self.cfg.kv_same_host_read)

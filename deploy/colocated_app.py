@@ -39,7 +39,7 @@ class ColocatedDeployment(_PoolReplica):
         self.replica = self.colocated = ColocatedReplica(cfg)
         self.drain_seconds = DRAIN_SECONDS
         self._beat_prefill: asyncio.Task[None] | None = None
-        await self._begin(cfg.decode.registry_address, cfg.decode.heartbeat_seconds)
+        await self._begin(cfg.decode.registry_address, cfg.decode.heartbeat_seconds, cfg.decode.kv_backend)
         if cfg.announce_prefill:
             self._beat_prefill = asyncio.get_running_loop().create_task(heartbeat_loop(
                 cfg.decode.registry_address, self._prefill_status, cfg.decode.heartbeat_seconds, asyncio.Event()))

@@ -41,6 +41,7 @@ from deploy.autoscale import decode_stats, prefill_stats, serve_autoscaling_conf
 from deploy.config import DeployConfig
 from deploy.schema import DecodeSection, PrefillSection, ResourcesSection
 from engine.config import EngineConfig
+from kv_transfer import serve_on_running_loop
 from kv_transfer.faults import fail_next_pulls
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.replica import PrefillReplica
@@ -96,11 +97,12 @@ class _PoolReplica:
     replica: PrefillReplica | DecodeReplica
     drain_seconds: float
 
-    async def _begin(self, registry: str, period: float) -> None:
+    async def _begin(self, registry: str, period: float, kv_backend: str) -> None:
         self.draining = False
         self.period = period
         self.registry = registry
         self._wake = asyncio.Event()
+        serve_on_running_loop(kv_backend)  # this replica's loop lives as long as its process
         await self.replica.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._beat = asyncio.get_running_loop().create_task(
@@ -147,7 +149,7 @@ class PrefillReplicaActor(_PoolReplica):
     async def __init__(self, cfg: PrefillWorkerConfig) -> None:  # type: ignore[misc] # Serve awaits it
         self.replica = self.prefill = PrefillReplica(cfg)
         self.drain_seconds = cfg.lease_seconds
-        await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
+        await self._begin(cfg.registry_address, cfg.heartbeat_seconds, cfg.kv_backend)
 
     def reconfigure(self, live: dict[str, float]) -> None:
         """Live settings: `lease_seconds` (KV kept for the pull)."""
@@ -187,7 +189,7 @@ class DecodeReplicaActor(_PoolReplica):
         self.replica = self.decode = DecodeReplica(cfg)
         self.drain_seconds = DECODE_DRAIN_SECONDS
         self.max_num_seqs = cfg.engine.max_num_seqs
-        await self._begin(cfg.registry_address, cfg.heartbeat_seconds)
+        await self._begin(cfg.registry_address, cfg.heartbeat_seconds, cfg.kv_backend)
 
     def reconfigure(self, live: dict[str, float]) -> None:
         """Live settings: `transfer_timeout_seconds` (decode gives up on a pull after it)."""

@@ -35,3 +35,13 @@ def make_puller(backend: str, kv: torch.Tensor, rank: int, tp_size: int, num_kv_
 
         return TorchDistPuller(kv, rank, tp_size, num_kv_heads)
     raise ValueError(f"unknown kv_transfer.backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def serve_on_running_loop(backend: str) -> None:
+    """A long-lived serving process (a Serve replica, a TP rank's actor) calls this from its loop
+    before it makes a source or puller: the `ucx` backend then runs on that loop, with no hop to a
+    thread of its own per pull (kv_transfer/ucx_loop.py). Other backends need nothing."""
+    if backend == "ucx":
+        from kv_transfer import ucx_loop
+
+        ucx_loop.serve_on_running_loop()

@@ -32,6 +32,12 @@ from ucxx.types import Tag, TagMaskFull
 
 T = TypeVar("T")
 
+# UCX transports pdserve uses unless UCX_TLS is set in the environment: all but cma. On one host
+# UCX's rendezvous for large messages is cma (process_vm_readv), which moved a 16-256 MB payload at
+# 3.4-4.8 GB/s on the 2-core test VM where its shared-memory copy (posix/sysv) moved 4.6-8.7 GB/s
+# (benchmarks/kv_transfer.py --tls, docs/kv_transfer.md); between hosts and on GPUs cma plays no part.
+DEFAULT_TLS = "^cma"
+
 # Progress at least this often while a transfer is in flight, in case a transport completes
 # something without raising an event (the bound the progress thread's epoll timeout used to set);
 # while only receives that wait for a peer's next request are pending, once a second.
@@ -40,17 +46,29 @@ IDLE_PROGRESS_S = 1.0
 
 
 class _UCXLoop:
-    """Starts the loop thread and ucxx on first use; later calls get the same loop."""
+    """Starts ucxx on first use, on the process's serving loop when it named one and the first use
+    comes from it, else on a loop thread of its own; later calls get the same loop."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.serving: asyncio.AbstractEventLoop | None = None
 
     def get(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                self._loop = _start()
+                self._loop = self._serving_loop() or _start()
             return self._loop
+
+    def _serving_loop(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if running is not self.serving:
+            return None
+        _init_ucx(running)
+        return running
 
 
 _HOME = _UCXLoop()  # one per process, like ucxx's own context
@@ -61,19 +79,31 @@ def ucx_loop() -> asyncio.AbstractEventLoop:
     return _HOME.get()
 
 
+def serve_on_running_loop() -> None:
+    """Names the running loop as this process's serving loop: if UCX starts from it, it runs on it,
+    and its pulls and served requests need no hop to another thread (two thread wake-ups, ~0.25 ms
+    per pull on the 2-core test VM). Only for a loop that lives as long as the process (a Serve
+    replica's, a Ray actor's): a loop that closes would take the process's UCX with it."""
+    _HOME.serving = asyncio.get_running_loop()
+
+
 def _start() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="pdserve-ucx", daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(_init_ucx(), loop).result(60)
+    asyncio.run_coroutine_threadsafe(_init_on_loop(), loop).result(60)
     return loop
 
 
-async def _init_ucx() -> None:
-    """On the UCX loop: ucxx in blocking mode, progressed by this loop (`UCXProgress`), which ucxx
-    then treats as the loop's progress task instead of starting its own."""
-    ucxx.init(progress_mode="blocking", enable_delayed_submission=False, enable_python_future=False)
-    loop = asyncio.get_running_loop()
+async def _init_on_loop() -> None:
+    _init_ucx(asyncio.get_running_loop())
+
+
+def _init_ucx(loop: asyncio.AbstractEventLoop) -> None:
+    """On the UCX loop's thread: ucxx in blocking mode, progressed by this loop (`UCXProgress`),
+    which ucxx then treats as the loop's progress task instead of starting its own."""
+    ucxx.init(options={"TLS": DEFAULT_TLS}, env_takes_precedence=True,
+              progress_mode="blocking", enable_delayed_submission=False, enable_python_future=False)
     progress = UCXProgress(ucxx.core._get_ctx().worker, loop)
     application_context.ProgressTasks[loop] = progress
     _PROGRESS.append(progress)

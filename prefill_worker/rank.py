@@ -17,7 +17,7 @@ from pdserve.v1 import kv_pb2
 from engine.config import DTYPES
 from engine.cpus import pin_process
 from engine.distributed import Follower, GroupSpec, init_group
-from kv_transfer import make_source
+from kv_transfer import make_source, serve_on_running_loop
 from kv_transfer.host import HOST_ID
 from kv_transfer.source import KVSource
 from prefill_worker.config import PrefillWorkerConfig
@@ -50,6 +50,7 @@ class PrefillRank:
 
     async def start(self) -> tuple[str, str]:
         """-> (this rank's KV source endpoint, its host id)."""
+        serve_on_running_loop(self.cfg.kv_backend)
         follower = await asyncio.to_thread(self._build)
         self.source = make_source(
             self.cfg.kv_backend, follower.kv, self.rank, self.spec.world_size,
