@@ -25,6 +25,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import torch
 import ucxx
 from ucxx._lib.arr import Array
 from ucxx._lib_async import application_context
@@ -104,6 +105,10 @@ def _init_ucx(loop: asyncio.AbstractEventLoop) -> None:
     which ucxx then treats as the loop's progress task instead of starting its own."""
     ucxx.init(options={"TLS": DEFAULT_TLS}, env_takes_precedence=True,
               progress_mode="blocking", enable_delayed_submission=False, enable_python_future=False)
+    if torch.cuda.is_available():
+        # UCX's CUDA transports work in the progressing thread's current CUDA context (ucxx's
+        # progress thread set one when it started): make the device's primary context current here.
+        torch.cuda.set_device(torch.cuda.current_device())
     progress = UCXProgress(ucxx.core._get_ctx().worker, loop)
     application_context.ProgressTasks[loop] = progress
     _PROGRESS.append(progress)
