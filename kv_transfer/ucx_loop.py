@@ -1,4 +1,4 @@
-"""The process's UCX loop: one thread whose asyncio loop owns every ucxx object of the process and
+"""The process's UCX loop: the one asyncio loop that owns every ucxx object of the process and
 progresses UCX itself, so a UCX message costs one thread wake-up and nothing waits by spinning.
 
 ucxx offers two ways to complete an awaited request and both cost here. By default a Python loop
@@ -10,10 +10,11 @@ and waits for it: three wake-ups per message, ~450 us per control round trip on 
 pdserve does neither. `UCXProgress` registers the UCX worker's epoll descriptor with this loop: when
 UCX has an event the loop wakes, progresses the worker, completes the asyncio future of every
 request UCX finished, and re-arms the worker before it sleeps again. Requests are posted from this
-thread (no delayed submission, no progress thread), so a round trip of a control message is ~110
-us (benchmarks/ucx_rtt.py). Every UCX coroutine of the process runs here; callers on any other
-loop (a Serve replica's, a test's `asyncio.run`) hand it over with `on_ucx_loop`: one thread hop
-per call, not per message. ucxx's own awaits (the connection handshake, closing) still use
+thread (no delayed submission, no progress thread), so a round trip of a control message is ~0.17
+ms (benchmarks/ucx_rtt.py). Every UCX coroutine of the process runs on this loop: a serving process
+names its own loop (`serve_on_running_loop`), else the loop is a thread of its own, and callers on
+any other loop (a test's `asyncio.run`) hand their coroutine over with `on_ucx_loop`: one thread
+hop per call, not per message. ucxx's own awaits (the connection handshake, closing) still use
 `wait_yield` for the milliseconds they last, progressed by the same descriptor.
 """
 
@@ -52,24 +53,22 @@ class _UCXLoop:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._progress: UCXProgress | None = None
         self.serving: asyncio.AbstractEventLoop | None = None
 
-    def get(self) -> asyncio.AbstractEventLoop:
+    def get(self) -> UCXProgress:
+        """The process's UCXProgress (its loop: `.loop`), started on first use."""
         with self._lock:
-            if self._loop is None:
-                self._loop = self._serving_loop() or _start()
-            return self._loop
+            if self._progress is None:
+                self._progress = self._on_serving_loop() or _start()
+            return self._progress
 
-    def _serving_loop(self) -> asyncio.AbstractEventLoop | None:
+    def _on_serving_loop(self) -> UCXProgress | None:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        if running is not self.serving:
-            return None
-        _init_ucx(running)
-        return running
+        return _init_ucx(running) if running is self.serving else None
 
 
 _HOME = _UCXLoop()  # one per process, like ucxx's own context
@@ -77,7 +76,7 @@ _HOME = _UCXLoop()  # one per process, like ucxx's own context
 
 def ucx_loop() -> asyncio.AbstractEventLoop:
     """The loop every UCX call of this process runs on (started, with ucxx, on first use)."""
-    return _HOME.get()
+    return _HOME.get().loop
 
 
 def serve_on_running_loop() -> None:
@@ -88,19 +87,18 @@ def serve_on_running_loop() -> None:
     _HOME.serving = asyncio.get_running_loop()
 
 
-def _start() -> asyncio.AbstractEventLoop:
+def _start() -> UCXProgress:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="pdserve-ucx", daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(_init_on_loop(), loop).result(60)
-    return loop
+    return asyncio.run_coroutine_threadsafe(_init_on_loop(), loop).result(60)
 
 
-async def _init_on_loop() -> None:
-    _init_ucx(asyncio.get_running_loop())
+async def _init_on_loop() -> UCXProgress:
+    return _init_ucx(asyncio.get_running_loop())
 
 
-def _init_ucx(loop: asyncio.AbstractEventLoop) -> None:
+def _init_ucx(loop: asyncio.AbstractEventLoop) -> UCXProgress:
     """On the UCX loop's thread: ucxx in blocking mode, progressed by this loop (`UCXProgress`),
     which ucxx then treats as the loop's progress task instead of starting its own."""
     ucxx.init(options={"TLS": DEFAULT_TLS}, env_takes_precedence=True,
@@ -111,10 +109,7 @@ def _init_ucx(loop: asyncio.AbstractEventLoop) -> None:
         torch.cuda.set_device(torch.cuda.current_device())
     progress = UCXProgress(ucxx.core._get_ctx().worker, loop)
     application_context.ProgressTasks[loop] = progress
-    _PROGRESS.append(progress)
-
-
-_PROGRESS: list[UCXProgress] = []  # the process's one UCXProgress, once ucx_loop() started it
+    return progress
 
 
 class UCXProgress:
@@ -123,10 +118,9 @@ class UCXProgress:
 
     def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._worker = worker
-        self._loop = loop
+        self.loop = loop
         self._pending: dict[int, tuple[Any, asyncio.Future[None], bool]] = {}
         self._kicked = False
-        self._tick_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         worker.init_blocking_progress_mode()
         loop.add_reader(worker.epoll_file_descriptor, self._drain)
@@ -134,7 +128,7 @@ class UCXProgress:
     def watch(self, request: Any, idle: bool = False) -> asyncio.Future[None]:
         """A future that completes (or fails with the request's error) when request does. idle:
         a receive that waits for a peer's next request, which may never come."""
-        done: asyncio.Future[None] = self._loop.create_future()
+        done: asyncio.Future[None] = self.loop.create_future()
         self._pending[id(request)] = (request, done, idle)
         self.kick()
         return done
@@ -143,7 +137,7 @@ class UCXProgress:
         """Progress soon: a request just posted may need it before UCX raises an event."""
         if not self._kicked:
             self._kicked = True
-            self._loop.call_soon(self._drain)
+            self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         self._kicked = False
@@ -172,20 +166,15 @@ class UCXProgress:
         if not self._pending:
             return
         busy = any(not idle for _, _, idle in self._pending.values())
-        at = self._loop.time() + (BUSY_PROGRESS_S if busy else IDLE_PROGRESS_S)
-        if self._timer is None or at < self._tick_at:
+        at = self.loop.time() + (BUSY_PROGRESS_S if busy else IDLE_PROGRESS_S)
+        if self._timer is None or at < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
-            self._tick_at, self._timer = at, self._loop.call_at(at, self._tick)
+            self._timer = self.loop.call_at(at, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         self._drain()
-
-
-def _progress() -> UCXProgress:
-    ucx_loop()
-    return _PROGRESS[0]
 
 
 async def send(ep: Any, buffer: Any, tag: int | None = None) -> None:
@@ -193,7 +182,7 @@ async def send(ep: Any, buffer: Any, tag: int | None = None) -> None:
     message tag, agreed with its peer when it connected. Runs on the UCX loop."""
     _check_open(ep)
     tag = ep._tags["msg_send"] if tag is None else tag
-    await _progress().watch(ep._ep.tag_send(Array(buffer), Tag(tag)))
+    await _HOME.get().watch(ep._ep.tag_send(Array(buffer), Tag(tag)))
 
 
 async def recv(ep: Any, buffer: Any, tag: int | None = None, idle: bool = False) -> None:
@@ -201,7 +190,7 @@ async def recv(ep: Any, buffer: Any, tag: int | None = None, idle: bool = False)
     waits for a peer's next request (see UCXProgress.watch)."""
     _check_open(ep)
     tag = ep._tags["msg_recv"] if tag is None else tag
-    await _progress().watch(ep._ep.tag_recv(Array(buffer), Tag(tag), TagMaskFull), idle)
+    await _HOME.get().watch(ep._ep.tag_recv(Array(buffer), Tag(tag), TagMaskFull), idle)
 
 
 def _check_open(ep: Any) -> None:
