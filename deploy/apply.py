@@ -1,11 +1,10 @@
 """`pdserve apply CONFIG`: change a running deployment without restarting what did not change.
 
 The running `pdserve up` (a Cluster) owns the router and the Serve applications, so `apply` does not
-touch them itself: it validates the file, publishes it in Ray's internal key-value store, and waits
-for the Cluster's answer (JSON both ways, never pickle):
-
-    pdserve/<namespace>/apply-request   {"id", "source", "config": DeployConfig.to_dict()}
-    pdserve/<namespace>/apply-result    {"id", "ok", "message"}
+touch them itself: it validates the file and hands it to the Cluster over the router's internal
+gRPC address (Registry.Apply, protobuf with the file as JSON, never pickle), which it finds in Ray's
+internal key-value store under `pdserve/<namespace>/registry` (written by `pdserve up` when it
+serves). The Cluster answers once the change is made or refused; nothing polls on either side.
 
 The Cluster turns the difference into a plan (`plan_apply`):
   - router limits (`max_inflight`, `max_queued_prompt_tokens`, `default_max_tokens`, `api_keys`):
@@ -23,10 +22,10 @@ The Cluster turns the difference into a plan (`plan_apply`):
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from dataclasses import dataclass
-from typing import Any
+
+import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from deploy.config import DeployConfig, load_config
 
@@ -35,7 +34,6 @@ ROUTER_LIVE = frozenset({"router.max_inflight", "router.max_queued_prompt_tokens
 POOL_KEYS = {"prefill": ("prefill.", "kv_transfer."), "decode": ("decode.", "kv_transfer.")}
 # pool keys that also change the router or the kind of replica: a new `pdserve up`
 RESTART_POOL_KEYS = frozenset({"decode.local_prefill_max_tokens"})
-POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,48 +54,51 @@ def plan_apply(changed: list[str]) -> ApplyPlan:
     return ApplyPlan(tuple(changed), any(k in ROUTER_LIVE for k in changed), pools, refused)
 
 
-def request_key(namespace: str) -> str:
-    return f"pdserve/{namespace}/apply-request"
+def registry_key(namespace: str) -> str:
+    return f"pdserve/{namespace}/registry"
 
 
-def result_key(namespace: str) -> str:
-    return f"pdserve/{namespace}/apply-result"
-
-
-def kv_get(key: str) -> dict[str, Any] | None:
+def publish_registry(namespace: str, address: str) -> None:
+    """Where `pdserve apply` finds the running Cluster (call with Ray connected)."""
     from ray.experimental import internal_kv
 
-    raw = internal_kv._internal_kv_get(key)
-    return None if raw is None else json.loads(raw)
+    internal_kv._internal_kv_put(registry_key(namespace), address, overwrite=True)
 
 
-def kv_put(key: str, value: dict[str, Any]) -> None:
+def withdraw_registry(namespace: str, address: str) -> None:
+    """Forgets the published address if it is still `address` (a newer `pdserve up` may own it)."""
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_put(key, json.dumps(value), overwrite=True)
+    if internal_kv._internal_kv_get(registry_key(namespace)) == address.encode():
+        internal_kv._internal_kv_del(registry_key(namespace))
 
 
-def _connect(cfg: DeployConfig) -> None:
+def _find_registry(cfg: DeployConfig) -> str | None:
     import ray
+    from ray.experimental import internal_kv
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or "auto", namespace=cfg.ray.namespace, log_to_driver=False)
+    raw = internal_kv._internal_kv_get(registry_key(cfg.ray.namespace))
+    return None if raw is None else raw.decode()
 
 
-def submit(cfg: DeployConfig, source: str, timeout: float = 600.0) -> dict[str, Any]:
-    """Publishes cfg for the running Cluster and waits for its answer ({"id", "ok", "message"})."""
-    _connect(cfg)
-    request_id = uuid.uuid4().hex
-    kv_put(request_key(cfg.ray.namespace), {"id": request_id, "source": source, "config": cfg.to_dict()})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = kv_get(result_key(cfg.ray.namespace))
-        if result is not None and result.get("id") == request_id:
-            return result
-        time.sleep(POLL_SECONDS)
-    return {"id": request_id, "ok": False,
-            "message": f"no answer from a running pdserve in namespace {cfg.ray.namespace!r} "
-                       f"within {timeout:.0f}s (is `pdserve up` running?)"}
+def submit(cfg: DeployConfig, source: str, timeout: float = 600.0) -> worker_pb2.ApplyResult:
+    """Hands cfg to the running Cluster and waits for its answer."""
+    namespace = cfg.ray.namespace
+    address = _find_registry(cfg)
+    if address is None:
+        return worker_pb2.ApplyResult(ok=False, message=f"no running pdserve in Ray namespace {namespace!r} "
+                                                        "(is `pdserve up` running?)")
+    request = worker_pb2.ApplyRequest(source=source, config_json=json.dumps(cfg.to_dict()))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            result: worker_pb2.ApplyResult = worker_pb2_grpc.RegistryStub(channel).Apply(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return worker_pb2.ApplyResult(
+                ok=False, message=f"no answer from the pdserve of namespace {namespace!r} at {address}: "
+                                  f"{exc.code().name} {exc.details()} (is `pdserve up` running?)")
+    return result
 
 
 def apply(config_path: str, timeout: float = 600.0) -> int:
@@ -105,5 +106,5 @@ def apply(config_path: str, timeout: float = 600.0) -> int:
     ConfigError (exit status 2 in the CLI) when the file itself is bad."""
     cfg = load_config(config_path)
     result = submit(cfg, str(config_path), timeout)
-    print(result["message"])
-    return 0 if result["ok"] else 1
+    print(result.message)
+    return 0 if result.ok else 1

@@ -4,21 +4,24 @@
 
 Order: the router starts first (the pools need its registry address), then the Prometheus endpoint
 (when `router.metrics_port` is set), then Serve deploys the prefill and decode applications, then
-`start()` waits until the router reports SERVING (both pools ready). While running, the Cluster
-watches Ray's key-value store for `pdserve apply` requests (deploy/apply.py) and applies them with
+`start()` waits until the router reports SERVING (both pools ready). Then the Cluster publishes the
+router's internal address for `pdserve apply` (deploy/apply.py), whose Registry.Apply calls
 `await cluster.apply(new_cfg)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
 import time
 from typing import Any
 
-from deploy.apply import ApplyPlan, kv_get, kv_put, plan_apply, request_key, result_key
+from pdserve.v1 import worker_pb2
+
+from deploy.apply import ApplyPlan, plan_apply, publish_registry, withdraw_registry
 from deploy.colocated_app import decode_pool_app
 from deploy.config import (
     ConfigError,
@@ -41,7 +44,6 @@ from router.server import RouterServer
 log = logging.getLogger(__name__)
 # A local Ray start that failed for the machine's timing, not for the configuration: worth one retry.
 _RAY_START_FLAKES = re.compile(r"timed out during startup|Timed out waiting for file")
-APPLY_POLL_SECONDS = 0.5
 UNDEPLOY_TIMEOUT_S = 180.0  # decode's drain bound (120 s) and the stops after it
 
 
@@ -72,7 +74,7 @@ class Cluster:
         self.router = RouterServer(self._router_config(self.cfg), self.tokenizer,
                                    self.metrics.observer if self.metrics else None)
         self._started_ray = False
-        self._watcher: asyncio.Task[None] | None = None
+        self._published = False
         self._apply_lock = asyncio.Lock()
 
     def _checked(self, cfg: DeployConfig) -> DeployConfig:
@@ -97,9 +99,9 @@ class Cluster:
             await self.metrics.start(self.cfg.router.host, int(self.cfg.router.metrics_port or 0))
         await asyncio.to_thread(self._deploy)
         await self.wait_serving(timeout)
-        seen = await asyncio.to_thread(kv_get, request_key(self.cfg.ray.namespace))
-        seen_id = str(seen["id"]) if seen else None  # a request older than this cluster is not ours
-        self._watcher = asyncio.get_running_loop().create_task(self._watch_applies(seen_id))
+        self.router.registry_service.on_apply = self._answer
+        await asyncio.to_thread(publish_registry, self.cfg.ray.namespace, self.router.internal_address)
+        self._published = True
         return self.router.address
 
     def _deploy(self) -> None:
@@ -168,37 +170,21 @@ class Cluster:
             log.info("applied %s: %s", source, ", ".join(plan.changed) or "no change")
             return plan
 
-    async def _watch_applies(self, seen: str | None) -> None:
-        key = request_key(self.cfg.ray.namespace)
-        while True:
-            await asyncio.sleep(APPLY_POLL_SECONDS)
-            try:
-                request = await asyncio.to_thread(kv_get, key)
-            except Exception as exc:  # noqa: BLE001 - Ray gone: keep serving, stop watching
-                log.warning("apply watcher stopped: %s", exc)
-                return
-            if request is None or request.get("id") == seen:
-                continue
-            seen = request.get("id")
-            result = await self._answer(request)
-            await asyncio.to_thread(kv_put, result_key(self.cfg.ray.namespace), result)
-
-    async def _answer(self, request: dict[str, object]) -> dict[str, object]:
-        source = str(request.get("source", "apply"))
+    async def _answer(self, request: worker_pb2.ApplyRequest) -> worker_pb2.ApplyResult:
+        """Registry.Apply: `pdserve apply`'s file, applied or refused."""
+        source = request.source or "apply"
         try:
-            new = parse_config(request.get("config"), source)
+            new = parse_config(json.loads(request.config_json), source)
             plan = await self.apply(new, source)
         except ConfigError as exc:
-            return {"id": request.get("id"), "ok": False, "message": str(exc)}
+            return worker_pb2.ApplyResult(ok=False, message=str(exc))
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             log.exception("apply %s failed", source)
-            return {"id": request.get("id"), "ok": False, "message": f"{source}: apply failed: {exc}"}
-        return {"id": request.get("id"), "ok": True, "message": _describe(source, plan)}
+            return worker_pb2.ApplyResult(ok=False, message=f"{source}: apply failed: {exc}")
+        return worker_pb2.ApplyResult(ok=True, message=_describe(source, plan))
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        self.router.registry_service.on_apply = None
         await self.router.stop(grace=1.0)  # clients first: in-flight requests get the grace period
         await asyncio.to_thread(self._undeploy)
         if self.metrics is not None:
@@ -212,6 +198,8 @@ class Cluster:
             return
         apps = (DECODE_APP, PREFILL_APP)
         try:
+            if self._published:
+                withdraw_registry(self.cfg.ray.namespace, self.router.internal_address)
             for app in apps:  # both pools drain at once: the router has stopped, no call can come
                 serve.delete(app, _blocking=False)
             deadline = time.monotonic() + UNDEPLOY_TIMEOUT_S

@@ -54,6 +54,7 @@ class RouterServer:
             memory=AffinityMemory(), codec=tokenizer, spawn=self._spawn, observer=observer,
         )
         self.health = health.aio.HealthServicer()
+        self.registry_service = RegistryService(self.deps)  # its on_apply: set by `pdserve up`
         self.port = 0
         self.internal_port = 0
         self.http_port = 0
@@ -98,7 +99,7 @@ class RouterServer:
         )
         self.port = self._bind(self._public, self.config.host, self.config.port, server_credentials(self.config))
         self._internal = grpc.aio.server(options=SERVER_OPTIONS)
-        worker_pb2_grpc.add_RegistryServicer_to_server(RegistryService(self.deps), self._internal)
+        worker_pb2_grpc.add_RegistryServicer_to_server(self.registry_service, self._internal)
         self.internal_port = self._bind(self._internal, self.config.internal_host, self.config.internal_port)
         await self._set_health()
         self.registry.on_change = lambda: self._spawn(self._set_health())

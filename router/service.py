@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 
@@ -67,12 +69,17 @@ class RouterService:
         })
 
 
+ApplyHandler = Callable[[worker_pb2.ApplyRequest], Awaitable[worker_pb2.ApplyResult]]
+
+
 class RegistryService(worker_pb2_grpc.RegistryServicer):
     """Registry.Heartbeat: workers announce themselves and their load. Registry.ReportScaling:
-    autoscaling policies report decisions, which GetStatus shows."""
+    autoscaling policies report decisions, which GetStatus shows. Registry.Apply: `pdserve apply`
+    hands a new file to `on_apply`, which the `pdserve up` running this router sets."""
 
     def __init__(self, deps: FlowDeps) -> None:
         self.registry = deps.registry
+        self.on_apply: ApplyHandler | None = None
 
     async def Heartbeat(self, request: worker_pb2.WorkerStatus,  # noqa: N802 - gRPC method name
                         context: grpc.aio.ServicerContext) -> worker_pb2.HeartbeatAck:
@@ -91,3 +98,11 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
             await context.abort(e.code, str(e))
             raise
         return worker_pb2.HeartbeatAck(known=True)
+
+    async def Apply(self, request: worker_pb2.ApplyRequest,  # noqa: N802 - gRPC method name
+                    context: grpc.aio.ServicerContext) -> worker_pb2.ApplyResult:
+        if self.on_apply is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this router was not started by `pdserve up`: nothing to apply a file to")
+            raise AssertionError  # unreachable: abort raises
+        return await self.on_apply(request)

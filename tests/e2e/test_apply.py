@@ -102,3 +102,6 @@ def test_apply_refuses_what_needs_a_restart_and_bad_files(applied: RunningCluste
     (tmp_path / "bad.yaml").write_text("decode:\n  autoscaling:\n    max_replica: 3\n")
     with pytest.raises(ConfigError, match="decode.autoscaling.max_replica: unknown key"):
         apply(str(tmp_path / "bad.yaml"))
+    # A namespace where no `pdserve up` runs: refused with a message that says so, nothing waits.
+    assert apply(str(_write(tmp_path / "elsewhere.yaml", cfg, ray__namespace="nobody-here")), timeout=60) == 1
+    assert "no running pdserve in Ray namespace 'nobody-here'" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pdserve.v1 import router_pb2, worker_pb2_grpc
+from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 
 from router.client import build_request
 from router.picker import hash_blocks
@@ -321,6 +321,10 @@ async def test_reflection_and_bad_heartbeat() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await registry.ReportScaling(router_pb2.ScalingDecision(pool="both"))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A router no `pdserve up` runs has nothing to apply a file to: a clear refusal.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await registry.Apply(worker_pb2.ApplyRequest(source="new.yaml", config_json="{}"))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "pdserve up" in (info.value.details() or "")
         status = await c.stub.GetStatus(router_pb2.StatusRequest())
         assert [d.reason for d in status.scaling_decisions] == ["KV use 0.9 > 0.7"]
     finally:

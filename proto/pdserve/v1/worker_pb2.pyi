@@ -171,3 +171,19 @@ class HeartbeatAck(_message.Message):
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     known: bool
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("source", "config_json")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    config_json: str
+    def __init__(self, source: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class ApplyResult(_message.Message):
+    __slots__ = ("ok", "message")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

@@ -282,6 +282,11 @@ class RegistryStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.ScalingDecision.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
                 _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/pdserve.v1.Registry/Apply',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.ApplyResult.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -301,6 +306,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Apply(self, request, context):
+        """`pdserve apply` hands the running `pdserve up` a new file (UNIMPLEMENTED when no `pdserve up`
+        runs this router); it answers once the change is made or refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +326,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ReportScaling,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.ScalingDecision.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.ApplyRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.ApplyResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,6 +388,33 @@ class Registry:
             '/pdserve.v1.Registry/ReportScaling',
             pdserve_dot_v1_dot_router__pb2.ScalingDecision.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.HeartbeatAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Registry/Apply',
+            pdserve_dot_v1_dot_worker__pb2.ApplyRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.ApplyResult.FromString,
             options,
             channel_credentials,
             insecure,
