@@ -28,11 +28,18 @@ LISTENING = re.compile(r"listening on (\S+)")
 
 
 @dataclass(frozen=True, slots=True)
+class ThreadCPU:
+    name: str  # the kernel's thread name; "main" for the process's first thread
+    cores: float
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessCPU:
     pid: int
     name: str
     pdserve: bool  # pdserve's own process (else Ray's)
     cores: float  # CPU seconds per second over the window
+    threads: tuple[ThreadCPU, ...] = ()  # the threads that used any, most first
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,26 @@ def cpu_ticks(pid: int) -> int:
     return 0 if stat is None else int(stat[11]) + int(stat[12])  # utime + stime
 
 
+def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """tid -> (thread name, utime + stime) for each thread of pid (empty if gone). Python threads
+    carry the process's name at the time they started (Ray's workers: "ray::IDLE")."""
+    out: dict[int, tuple[str, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name = "main" if int(tid) == pid else raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[int(tid)] = (name, int(fields[11]) + int(fields[12]))
+    return out
+
+
 def command(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -97,12 +124,16 @@ def measure(root: int, window_s: float) -> IdleReport:
     """CPU of root's process tree over window_s seconds (processes alive at the start)."""
     pids = descendants(root)
     before = {pid: cpu_ticks(pid) for pid in pids}
+    threads_before = {pid: thread_ticks(pid) for pid in pids}
     time.sleep(window_s)
     rows = []
     for pid in pids:
         cmd = command(pid)
         used = max(0, cpu_ticks(pid) - before[pid]) / TICKS / window_s
-        rows.append(ProcessCPU(pid, cmd[:80], is_pdserve(pid, root, cmd), used))
+        threads = [ThreadCPU(name, (ticks - threads_before[pid].get(tid, (name, 0))[1]) / TICKS / window_s)
+                   for tid, (name, ticks) in thread_ticks(pid).items()]
+        busy = tuple(sorted((t for t in threads if t.cores > 0), key=lambda t: -t.cores))
+        rows.append(ProcessCPU(pid, cmd[:80], is_pdserve(pid, root, cmd), used, busy))
     return IdleReport(window_s, tuple(sorted(rows, key=lambda r: -r.cores)))
 
 
@@ -169,4 +200,6 @@ def format_report(title: str, report: IdleReport, top: int = 8) -> str:
     for row in report.processes[:top]:
         if row.cores > 0:
             lines.append(f"  {row.cores:7.4f}  {'pdserve' if row.pdserve else 'ray    '}  {row.name}")
+            if row.pdserve:  # where a pdserve process spends it, by thread
+                lines.append("           " + ", ".join(f"{t.name} {t.cores:.4f}" for t in row.threads[:6]))
     return "\n".join(lines)
