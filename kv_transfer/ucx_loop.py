@@ -211,7 +211,10 @@ def _fresh(error: Exception) -> Exception:
 def _check_open(ep: Any) -> None:
     if ep.closed or ep._ep is None:
         raise ucxx.exceptions.UCXCloseError("Endpoint closed")
-    ep._ep.raise_on_error()
+    try:
+        ep._ep.raise_on_error()
+    except Exception as e:  # noqa: BLE001 - the endpoint's failure, raised frameless
+        raise _fresh(e) from None
 
 
 async def on_ucx_loop(coro: Coroutine[Any, Any, T]) -> T:
