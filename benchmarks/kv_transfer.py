@@ -65,11 +65,17 @@ def make_puller(backend: str, kv: torch.Tensor, shm: bool) -> Any:
     return TorchDistPuller(kv, 0, 1, H)
 
 
+def serve_on_this_loop(backend: str) -> None:
+    """As a serving replica does before it makes a source or puller: both UCX variants are the
+    `ucx` backend, which then runs on this loop instead of a thread of its own (one hop per pull)."""
+    serve_on_running_loop("ucx" if backend.startswith("ucx") else backend)
+
+
 def source_main(backend: str, num_blocks: int, conn: Any) -> None:
     torch.set_num_threads(1)
 
     async def serve() -> None:
-        serve_on_running_loop(backend)  # as a prefill replica's loop does
+        serve_on_this_loop(backend)  # as a prefill replica's loop does
         kv = shareable_zeros((num_blocks, L, 2, H, B, D), torch.float32)  # as the engine allocates it
         kv.copy_(torch.randn(kv.shape))
         source = make_source(backend, kv)
@@ -156,7 +162,7 @@ def run_backend(backend: str, sizes: list[int], args: argparse.Namespace) -> lis
     rows = []
 
     async def run_sizes() -> None:
-        serve_on_running_loop(backend)  # as a decode replica's loop does
+        serve_on_this_loop(backend)  # as a decode replica's loop does
         for mb in sizes:
             n = mb * 2**20 // BLOCK_BYTES
             pull, copy = await measure(puller, endpoint, n, args.pattern, args.repeats)
