@@ -36,7 +36,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -148,38 +148,49 @@ def _drop_frames(error: BaseException | None) -> None:
         error = error.__context__
 
 
+async def _request(op: Awaitable[T]) -> T:
+    """Awaits one ucxx send or receive. A failed request's exception holds, through its traceback,
+    the frames that completed it and so the ucxx request and its endpoint; kept by whoever keeps
+    the exception, they would outlive the connection's close. So a failure is raised as a fresh
+    exception of the same type, the original stripped of frames."""
+    try:
+        return await op
+    except Exception as e:  # noqa: BLE001 - re-raised as a copy
+        _drop_frames(e)
+        try:
+            fresh: Exception = type(e)(*e.args)
+        except Exception:  # noqa: BLE001 - a type that cannot be rebuilt from its args
+            fresh = TransferError(f"{type(e).__name__}: {e}")
+        raise fresh from None
+
+
 INLINE_COPY_BYTES = 16 << 20  # same-host reads up to this size (~1 ms) copy on the event loop's thread
 MAX_ADDRESS_BYTES = 4096  # a UCX worker address is a few hundred bytes
 FRAME = 8192  # first message of a control frame; <= ucxx's UCX_RNDV_THRESH keeps it eager
 
 
-def send_message(ep: Any, data: bytes) -> asyncio.Future[Any]:
-    """Posts one control frame at once: a message of an 8-byte little-endian length and the first
+async def send_message(ep: Any, data: bytes) -> None:
+    """One control frame: a message of an 8-byte little-endian length and the first
     FRAME - 8 bytes, then (only if longer) a second message with the rest."""
     head = np.frombuffer(len(data).to_bytes(8, "little") + data[: FRAME - 8], dtype=np.uint8)
-    sends = [ucx_loop.send(ep, head)]
+    sends = [_request(ucx_loop.send(ep, head))]
     if len(data) > FRAME - 8:
-        sends.append(ucx_loop.send(ep, np.frombuffer(data[FRAME - 8 :], dtype=np.uint8)))
-    return asyncio.gather(*sends)
+        sends.append(_request(ucx_loop.send(ep, np.frombuffer(data[FRAME - 8 :], dtype=np.uint8))))
+    await asyncio.gather(*sends)
 
 
-def recv_message(ep: Any, limit: int, idle: bool = False) -> Coroutine[Any, Any, bytes | None]:
-    """Posts the receive of one control frame at once; the coroutine returns the frame, or None
-    when it announces more than limit bytes (rest unread). idle: the frame is a peer's next
-    request, which may never come."""
+async def recv_message(ep: Any, limit: int, idle: bool = False) -> bytes | None:
+    """Receives one control frame; None when it announces more than limit bytes (rest unread).
+    idle: the frame is a peer's next request, which may never come."""
     head = np.empty(FRAME, dtype=np.uint8)
-    return _read_frame(ep, head, ucx_loop.recv(ep, head, idle=idle), limit)
-
-
-async def _read_frame(ep: Any, head: np.ndarray, received: Awaitable[None], limit: int) -> bytes | None:
-    await received
+    await _request(ucx_loop.recv(ep, head, idle=idle))
     n = int.from_bytes(head[:8].tobytes(), "little")
     if n > limit:
         return None
     if n <= FRAME - 8:
         return head[8 : 8 + n].tobytes()
     rest = np.empty(n - (FRAME - 8), dtype=np.uint8)
-    await ucx_loop.recv(ep, rest)
+    await _request(ucx_loop.recv(ep, rest))
     return head[8:].tobytes() + rest.tobytes()
 
 
@@ -251,10 +262,12 @@ class UCXSource(KVSource):
         if not answer.response.ok or answer.request is None:
             await reply
             return True
-        reply.add_done_callback(_retrieved)  # seen, should a payload send fail to post
         req = answer.request
+        sends = [
+            _request(ucx_loop.send(target, as_buffer(t), (req.tag + i) % 2**64))
+            for i, t in enumerate(answer.tensors)
+        ]
         try:
-            sends = [ucx_loop.send(target, as_buffer(t), (req.tag + i) % 2**64) for i, t in enumerate(answer.tensors)]
             await asyncio.wait_for(asyncio.gather(reply, *sends), self.config.send_timeout)
         except asyncio.TimeoutError:
             # The puller gave up and cancelled its receives: abandon these sends (and their staging
@@ -344,11 +357,9 @@ class UCXPuller(KVPuller):
         if self.config.same_host_read and HOST_ID and pull.endpoint not in self._not_local:
             request.local_host = HOST_ID
         landing = None if request.local_host else self._landing(pull)
-        reply: asyncio.Future[bytes | None] | None = None
-        payload: asyncio.Future[Any] | None = None
+        reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
+        payload = None if landing is None else self._receive(ep, request, landing)
         try:
-            reply = asyncio.ensure_future(recv_message(ep, MAX_REQUEST_BYTES))
-            payload = None if landing is None else self._receive(ep, request, landing)
             await _within(deadline, send_message(ep, request.SerializeToString()))
             response = kv_pb2.PullResponse.FromString(await _within(deadline, reply) or b"")
             if not response.ok:
@@ -372,9 +383,15 @@ class UCXPuller(KVPuller):
 
     @staticmethod
     def _receive(ep: Any, request: kv_pb2.PullRequest, landing: Any) -> asyncio.Future[Any]:
-        """Posts one receive per payload segment at once, straight into the landing buffers."""
-        posted = [ucx_loop.recv(ep, as_buffer(buf), (request.tag + i) % 2**64) for i, buf in enumerate(landing.buffers)]
-        return asyncio.gather(*posted)
+        """Posts one receive per payload segment, straight into the landing buffers."""
+        return asyncio.ensure_future(
+            asyncio.gather(
+                *(
+                    _request(ucx_loop.recv(ep, as_buffer(buf), (request.tag + i) % 2**64))
+                    for i, buf in enumerate(landing.buffers)
+                )
+            )
+        )
 
     async def _read_local(self, ep: Any, response: kv_pb2.PullResponse, pull: ShardPull) -> kv_pb2.PullResponse:
         """Same-host read: copies the blocks out of the source's mapped pool, then asks the source

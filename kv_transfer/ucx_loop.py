@@ -32,8 +32,6 @@ from ucxx._lib.arr import Array
 from ucxx._lib_async import application_context
 from ucxx.types import Tag, TagMaskFull
 
-from kv_transfer.interfaces import TransferError
-
 T = TypeVar("T")
 
 # UCX transports pdserve uses unless UCX_TLS is set in the environment: all but cma. On one host
@@ -160,7 +158,7 @@ class UCXProgress:
             try:
                 request.check_error()
             except Exception as e:  # noqa: BLE001 - the request's failure is its waiter's
-                done.set_exception(_fresh(e))
+                done.set_exception(e)
             else:
                 done.set_result(None)
 
@@ -179,42 +177,26 @@ class UCXProgress:
         self._drain()
 
 
-def send(ep: Any, buffer: Any, tag: int | None = None) -> asyncio.Future[None]:
-    """Posts a send of buffer on ep (a ucxx Endpoint) at once, with exactly this tag, or with the
-    endpoint's own message tag, agreed with its peer when it connected. The future completes when
-    UCX is done with buffer. Call it on the UCX loop."""
+async def send(ep: Any, buffer: Any, tag: int | None = None) -> None:
+    """Sends buffer on ep (a ucxx Endpoint) with exactly this tag, or with the endpoint's own
+    message tag, agreed with its peer when it connected. Runs on the UCX loop."""
     _check_open(ep)
     tag = ep._tags["msg_send"] if tag is None else tag
-    return _HOME.get().watch(ep._ep.tag_send(Array(buffer), Tag(tag)))
+    await _HOME.get().watch(ep._ep.tag_send(Array(buffer), Tag(tag)))
 
 
-def recv(ep: Any, buffer: Any, tag: int | None = None, idle: bool = False) -> asyncio.Future[None]:
-    """Posts a receive of the message tagged tag (default: the endpoint's own) on ep into buffer,
-    at once; the future completes when it has landed. idle: it waits for a peer's next request
-    (see UCXProgress.watch). Call it on the UCX loop."""
+async def recv(ep: Any, buffer: Any, tag: int | None = None, idle: bool = False) -> None:
+    """Receives the message tagged tag (default: the endpoint's own) on ep into buffer. idle: it
+    waits for a peer's next request (see UCXProgress.watch)."""
     _check_open(ep)
     tag = ep._tags["msg_recv"] if tag is None else tag
-    return _HOME.get().watch(ep._ep.tag_recv(Array(buffer), Tag(tag), TagMaskFull), idle)
-
-
-def _fresh(error: Exception) -> Exception:
-    """A failed request's error for its waiter: a new exception of the same type, with no frames.
-    The original's traceback holds the frames that completed it and so the ucxx request and its
-    endpoint; kept by whoever keeps the exception, they would outlive the connection's close."""
-    error.__traceback__ = None
-    try:
-        return type(error)(*error.args)
-    except Exception:  # noqa: BLE001 - a type that cannot be rebuilt from its args
-        return TransferError(f"{type(error).__name__}: {error}")
+    await _HOME.get().watch(ep._ep.tag_recv(Array(buffer), Tag(tag), TagMaskFull), idle)
 
 
 def _check_open(ep: Any) -> None:
     if ep.closed or ep._ep is None:
         raise ucxx.exceptions.UCXCloseError("Endpoint closed")
-    try:
-        ep._ep.raise_on_error()
-    except Exception as e:  # noqa: BLE001 - the endpoint's failure, raised frameless
-        raise _fresh(e) from None
+    ep._ep.raise_on_error()
 
 
 async def on_ucx_loop(coro: Coroutine[Any, Any, T]) -> T:
