@@ -72,37 +72,44 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/pid/stat after the command name (state, ppid, ...), None if gone."""
+def _read_stat(path: str) -> tuple[str, list[str]] | None:
+    """(command name, fields after it: state, ppid, ...) of a /proc stat file, None if gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
+        with open(path) as f:
+            raw = f.read()
     except OSError:
         return None
+    head, rest = raw.rsplit(")", 1)
+    return head[head.index("(") + 1 :], rest.split()
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/pid/stat after the command name (state, ppid, ...), None if gone."""
+    stat = _read_stat(f"/proc/{pid}/stat")
+    return None if stat is None else stat[1]
+
+
+def _ticks(fields: list[str]) -> int:
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def cpu_ticks(pid: int) -> int:
     stat = _stat(pid)
-    return 0 if stat is None else int(stat[11]) + int(stat[12])  # utime + stime
+    return 0 if stat is None else _ticks(stat)
 
 
 def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
     """tid -> (thread name, utime + stime) for each thread of pid (empty if gone). Python threads
     carry the process's name at the time they started (Ray's workers: "ray::IDLE")."""
-    out: dict[int, tuple[str, int]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
+        return {}
+    out: dict[int, tuple[str, int]] = {}
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        name = "main" if int(tid) == pid else raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw.rsplit(")", 1)[1].split()
-        out[int(tid)] = (name, int(fields[11]) + int(fields[12]))
+        stat = _read_stat(f"/proc/{pid}/task/{tid}/stat")
+        if stat is not None:
+            out[int(tid)] = ("main" if int(tid) == pid else stat[0], _ticks(stat[1]))
     return out
 
 
